@@ -1,0 +1,21 @@
+//! The operator contract of the ledgerflow runtime, and the stages that transform data.
+//!
+//! A job is a DAG of sources, stages and sinks. Every stage implements [`Operator`]: it receives
+//! Arrow [`RecordBatch`](arrow_array::RecordBatch)es and [`Signal`]s on one ordered stream per
+//! Kafka partition and emits batches to its downstream stages through a [`Collector`]. Rows it
+//! refuses go to the job's rejections (table and dead-letter topic) through
+//! [`OperatorContext::reject`], never silently away.
+//!
+//! Stages are registered by name with a typed config (see `ledgerflow::registry`), and declare
+//! their output schema at plan time through [`StageFactory::output_schema`], so a mismatch fails
+//! `ledgerflow validate` rather than a running job.
+
+pub mod decode;
+pub mod metrics;
+pub mod operator;
+pub mod rejection;
+
+pub use operator::{
+    Barrier, Collector, Message, Operator, OperatorContext, OperatorError, Signal, StageFactory,
+};
+pub use rejection::{Rejection, RejectionBatchBuilder};

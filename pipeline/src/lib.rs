@@ -1,0 +1,19 @@
+//! ledgerflow: YAML DAG jobs that stream signed contributions from Kafka into Parquet Datanets,
+//! exactly once, with SQL over them.
+//!
+//! - [`spec`]: job files, checked with positions and hints; [`registry`]: every node type.
+//! - [`plan`]: the DAG (inputs, cycles, schemas); [`runtime`]: running it with checkpoints.
+//! - [`sql`]: read-only DataFusion over a store; [`gen`]: deterministic signed test data.
+
+pub mod gen;
+pub mod job_schema;
+pub mod naming;
+pub mod plan;
+pub mod registry;
+pub mod runtime;
+pub mod spec;
+pub mod sql;
+pub mod wallet;
+
+/// The job the quick start runs (also `jobs/quickstart.yaml`).
+pub const QUICKSTART_JOB: &str = include_str!("../../jobs/quickstart.yaml");

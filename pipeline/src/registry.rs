@@ -1,0 +1,89 @@
+//! Every source, stage and sink a job can name, in one explicit list.
+//!
+//! An entry's config is a typed struct (`deny_unknown_fields`, documented fields): its JSON
+//! Schema checks job files key by key and becomes part of `schemas/job.schema.json`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use ledgerflow_kafka::KafkaSourceConfig;
+use ledgerflow_operators::decode::DecodeConfig;
+use ledgerflow_operators::StageFactory;
+use ledgerflow_store::TableSinkConfig;
+use serde_json::Value;
+
+/// Where a node sits in the DAG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Stage,
+    Sink,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Stage => "stage",
+            Role::Sink => "sink",
+        })
+    }
+}
+
+/// A node's typed config, ready to run.
+#[derive(Clone)]
+pub enum Built {
+    Kafka(KafkaSourceConfig),
+    Stage(Arc<dyn StageFactory>),
+    Datanet(TableSinkConfig),
+}
+
+/// One registered source, stage or sink type.
+pub struct Entry {
+    pub name: &'static str,
+    pub role: Role,
+    pub doc: &'static str,
+    pub schema: fn() -> schemars::Schema,
+    pub build: fn(Value) -> Result<Built, String>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+static REGISTRY: &[Entry] = &[
+    Entry {
+        name: "kafka",
+        role: Role::Source,
+        doc: "Reads a Kafka topic as raw records, one pipeline per partition, resuming from the job's last checkpoint.",
+        schema: || schemars::schema_for!(KafkaSourceConfig),
+        build: |v| {
+            let c: KafkaSourceConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Kafka(c))
+        },
+    },
+    Entry {
+        name: "decode_contributions",
+        role: Role::Stage,
+        doc: "Decodes signed contribution messages into Datanet rows; refuses malformed ones with a reason.",
+        schema: || schemars::schema_for!(DecodeConfig),
+        build: |v| Ok(Built::Stage(Arc::new(parse::<DecodeConfig>(v)?))),
+    },
+    Entry {
+        name: "datanet",
+        role: Role::Sink,
+        doc: "Writes rows into a Datanet: Hive-partitioned Parquet (zstd), committed exactly once.",
+        schema: || schemars::schema_for!(TableSinkConfig),
+        build: |v| {
+            let c: TableSinkConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Datanet(c))
+        },
+    },
+];
+
+/// Every registered type.
+pub fn registry() -> &'static [Entry] {
+    REGISTRY
+}

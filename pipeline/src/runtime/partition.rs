@@ -1,0 +1,375 @@
+//! One partition's pipeline: the job's operators and sinks, fed by the source in order, committing
+//! a checkpoint of its own on every barrier.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::RecordBatch;
+use bytes::Bytes;
+use ledgerflow_kafka::DeadLetterProducer;
+use ledgerflow_operators::metrics::{self, micros, Registry, Value};
+use ledgerflow_operators::{
+    Barrier, Collector, Message, Operator, OperatorContext, Rejection, RejectionBatchBuilder,
+    Signal,
+};
+use ledgerflow_schemas::tables::{rejection_schema, REJECTIONS_TABLE};
+use ledgerflow_store::layout::part_file_name;
+use ledgerflow_store::{
+    CommitLog, CommitRecord, CommittedFile, PartitionKey, Store, TableRef, TableSink,
+};
+use rdkafka::producer::DeliveryFuture;
+
+use super::channel::RowReceiver;
+use super::RunError;
+use crate::plan::Plan;
+use crate::registry::Built;
+use crate::spec::JobSpec;
+
+enum Node {
+    Source,
+    Op(Box<dyn Operator>, OperatorContext),
+    Sink(TableSink),
+}
+
+struct NodeMetrics {
+    rows_in: Arc<Value>,
+    rows_out: Arc<Value>,
+    busy: Arc<Value>,
+}
+
+/// What a partition's pipeline reports after each commit.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub rows_in: u64,
+    pub rows_rejected: u64,
+}
+
+pub struct PartitionPipeline {
+    key: PartitionKey,
+    store: Store,
+    log: CommitLog,
+    worker: String,
+    nodes: Vec<Node>,
+    names: Vec<String>,
+    node_metrics: Vec<NodeMetrics>,
+    downstream: Vec<Vec<usize>>,
+    order: Vec<usize>,
+    source: usize,
+    rejections: TableSink,
+    rejections_builder: RejectionBatchBuilder,
+    dead_letter: Option<DeadLetterProducer>,
+    pending_dead_letters: Vec<DeliveryFuture>,
+    seq: u64,
+    rows_in: u64,
+    rows_rejected: u64,
+    metrics: Registry,
+    committed_tx: std::sync::mpsc::Sender<Committed>,
+}
+
+impl PartitionPipeline {
+    /// Builds the pipeline of `key` and restores its operators from the last commit.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn new(
+        spec: &JobSpec,
+        plan: &Plan,
+        key: PartitionKey,
+        store: Store,
+        last: Option<&CommitRecord>,
+        worker: &str,
+        dead_letter: Option<DeadLetterProducer>,
+        metrics: Registry,
+        committed_tx: std::sync::mpsc::Sender<Committed>,
+    ) -> Result<Self, RunError> {
+        let mut nodes = Vec::with_capacity(spec.nodes.len());
+        let mut names = Vec::with_capacity(spec.nodes.len());
+        let mut node_metrics = Vec::with_capacity(spec.nodes.len());
+        let mut source = 0;
+        for (i, n) in spec.nodes.iter().enumerate() {
+            names.push(n.name.clone());
+            let labels = [("stage", n.name.as_str())];
+            node_metrics.push(NodeMetrics {
+                rows_in: metrics.series(metrics::ROWS_IN, &labels),
+                rows_out: metrics.series(metrics::ROWS_OUT, &labels),
+                busy: metrics.series(metrics::BUSY_SECONDS, &labels),
+            });
+            nodes.push(match &n.built {
+                Built::Kafka(_) => {
+                    source = i;
+                    Node::Source
+                }
+                Built::Stage(f) => {
+                    let ctx = OperatorContext::new(n.name.clone(), key.partition);
+                    let mut op = f.instantiate();
+                    if let Some(path) = last.and_then(|r| r.state.get(&n.name)) {
+                        let bytes = store.get(path).await?.ok_or_else(|| {
+                            RunError::Corrupt(format!("state snapshot {path} is missing"))
+                        })?;
+                        op.restore(&bytes, &ctx)?;
+                    }
+                    Node::Op(op, ctx)
+                }
+                Built::Datanet(c) => Node::Sink(TableSink::new(
+                    TableRef::datanet(&c.datanet),
+                    c.input_schema(),
+                    c.zstd_level,
+                    c.row_group_rows,
+                )),
+            });
+        }
+        Ok(Self {
+            log: CommitLog::new(store.clone(), key.clone()),
+            key,
+            store,
+            worker: worker.to_string(),
+            nodes,
+            names,
+            node_metrics,
+            downstream: plan.downstream.clone(),
+            order: plan.order.clone(),
+            source,
+            rejections: TableSink::new(
+                TableRef::engine(REJECTIONS_TABLE),
+                rejection_schema(),
+                3,
+                64 * 1024,
+            ),
+            rejections_builder: RejectionBatchBuilder::default(),
+            dead_letter,
+            pending_dead_letters: Vec::new(),
+            seq: last.map_or(0, |r| r.seq),
+            rows_in: 0,
+            rows_rejected: 0,
+            metrics,
+            committed_tx,
+        })
+    }
+
+    /// Runs until `EndOfData` or the source goes away; the last barrier commits everything.
+    pub async fn run(mut self, mut rx: RowReceiver) -> Result<(), RunError> {
+        while let Some(item) = rx.recv().await {
+            match &item.message {
+                Message::Data(batch) => {
+                    self.rows_in += batch.num_rows() as u64;
+                    self.push_from(self.source, batch.clone())?;
+                }
+                Message::Signal(Signal::Barrier(b)) => self.checkpoint(b).await?,
+                Message::Signal(Signal::EndOfData) => {
+                    self.close()?;
+                    return Ok(());
+                }
+                Message::Signal(Signal::Watermark(t)) => {
+                    let t = *t;
+                    self.each_op(|op, ctx, out| op.on_watermark(t, ctx, out))?
+                }
+                Message::Signal(Signal::EpochTick(e)) => {
+                    let e = *e;
+                    self.each_op(|op, ctx, out| op.on_epoch(e, ctx, out))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers `batch`, the output of node `from`, to everything downstream of it.
+    fn push_from(&mut self, from: usize, batch: RecordBatch) -> Result<(), RunError> {
+        let mut queue: VecDeque<(usize, RecordBatch)> = VecDeque::new();
+        self.node_metrics[from]
+            .rows_out
+            .add(batch.num_rows() as u64);
+        for &d in &self.downstream[from] {
+            queue.push_back((d, batch.clone()));
+        }
+        while let Some((i, batch)) = queue.pop_front() {
+            let m = &self.node_metrics[i];
+            m.rows_in.add(batch.num_rows() as u64);
+            let started = Instant::now();
+            match &mut self.nodes[i] {
+                Node::Source => {}
+                Node::Sink(sink) => sink.write(&batch)?,
+                Node::Op(op, ctx) => {
+                    let mut out = Collector::default();
+                    op.process_batch(batch, ctx, &mut out)?;
+                    let rejected = ctx.take_rejections();
+                    for b in out.take() {
+                        m.rows_out.add(b.num_rows() as u64);
+                        for &d in &self.downstream[i] {
+                            queue.push_back((d, b.clone()));
+                        }
+                    }
+                    self.reject(rejected)?;
+                }
+            }
+            self.node_metrics[i].busy.add(micros(started.elapsed()));
+        }
+        Ok(())
+    }
+
+    fn each_op(
+        &mut self,
+        mut f: impl FnMut(
+            &mut Box<dyn Operator>,
+            &mut OperatorContext,
+            &mut Collector,
+        ) -> Result<(), ledgerflow_operators::OperatorError>,
+    ) -> Result<(), RunError> {
+        for idx in self.order.clone() {
+            let (out, rejected) = match &mut self.nodes[idx] {
+                Node::Op(op, ctx) => {
+                    let mut out = Collector::default();
+                    f(op, ctx, &mut out)?;
+                    (out.take(), ctx.take_rejections())
+                }
+                _ => continue,
+            };
+            self.reject(rejected)?;
+            for b in out {
+                self.push_from(idx, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, rejected: Vec<Rejection>) -> Result<(), RunError> {
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        for r in &rejected {
+            self.metrics
+                .series(
+                    metrics::REJECTIONS,
+                    &[("stage", &r.stage), ("reason", &r.reason)],
+                )
+                .add(1);
+            self.rejections_builder.push(r);
+            if let Some(dl) = &self.dead_letter {
+                self.pending_dead_letters.push(dl.send(r)?);
+            }
+        }
+        self.rows_rejected += rejected.len() as u64;
+        let batch = self.rejections_builder.finish();
+        self.rejections.write(&batch)?;
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<(), RunError> {
+        self.each_op(|op, ctx, out| op.close(ctx, out))
+    }
+
+    /// Snapshots every operator, stages files, confirms dead letters, and commits.
+    async fn checkpoint(&mut self, b: &Barrier) -> Result<(), RunError> {
+        let started = Instant::now();
+        if b.is_final {
+            self.close()?;
+        }
+        let name = part_file_name(
+            &self.key.topic,
+            self.key.partition,
+            b.first_offset,
+            b.next_offset - 1,
+        );
+        let seq = self.seq + 1;
+        let mut snapshots: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut files = Vec::new();
+        for idx in self.order.clone() {
+            let (snapshot, out, rejected) = match &mut self.nodes[idx] {
+                Node::Op(op, ctx) => {
+                    let mut out = Collector::default();
+                    let s = op.on_barrier(b, ctx, &mut out)?;
+                    (s, out.take(), ctx.take_rejections())
+                }
+                _ => continue,
+            };
+            self.reject(rejected)?;
+            for batch in out {
+                self.push_from(idx, batch)?;
+            }
+            if let Some(s) = snapshot {
+                snapshots.insert(self.names[idx].clone(), s);
+            }
+        }
+        for node in &mut self.nodes {
+            if let Node::Sink(sink) = node {
+                files.extend(sink.finish(&name)?);
+            }
+        }
+        files.extend(self.rejections.finish(&name)?);
+
+        let staging = format!("{}/{:020}", self.key.staging_dir(), b.next_offset);
+        let mut committed = Vec::with_capacity(files.len());
+        let mut rows_by_table: BTreeMap<String, u64> = BTreeMap::new();
+        for f in files {
+            let staged = format!("{staging}/{}", f.path);
+            let bytes = f.bytes.len() as u64;
+            self.store.put(&staged, f.bytes).await?;
+            *rows_by_table.entry(f.table.name.clone()).or_default() += f.rows;
+            committed.push(CommittedFile {
+                table: f.table,
+                path: f.path,
+                staged,
+                rows: f.rows,
+                bytes,
+            });
+        }
+        let mut state = BTreeMap::new();
+        for (stage, bytes) in snapshots {
+            let path = format!("{}/{seq:020}/{stage}.bin", self.key.state_dir());
+            self.store.put(&path, Bytes::from(bytes)).await?;
+            state.insert(stage, path);
+        }
+        if let Some(dl) = &self.dead_letter {
+            dl.confirm(std::mem::take(&mut self.pending_dead_letters))
+                .await?;
+        }
+        let record = CommitRecord {
+            format: 1,
+            job: self.key.job.clone(),
+            source: self.key.source.clone(),
+            topic: self.key.topic.clone(),
+            partition: self.key.partition,
+            seq,
+            first_offset: b.first_offset,
+            next_offset: b.next_offset,
+            files: committed,
+            state,
+            rows_in: self.rows_in,
+            rows_rejected: self.rows_rejected,
+            worker: self.worker.clone(),
+        };
+        self.log.commit(&record).await?;
+        self.seq = seq;
+        let elapsed = started.elapsed();
+        self.metrics.series(metrics::CHECKPOINTS, &[]).add(1);
+        self.metrics
+            .series(metrics::CHECKPOINT_SECONDS, &[])
+            .add(micros(elapsed));
+        self.metrics
+            .series(metrics::CHECKPOINT_LAST_SECONDS, &[])
+            .set(micros(elapsed));
+        for (table, rows) in rows_by_table {
+            self.metrics
+                .series(metrics::COMMITTED_ROWS, &[("table", &table)])
+                .add(rows);
+        }
+        tracing::debug!(
+            partition = self.key.partition,
+            seq,
+            next_offset = b.next_offset,
+            rows_in = self.rows_in,
+            rejected = self.rows_rejected,
+            ms = elapsed.as_millis() as u64,
+            "checkpoint committed"
+        );
+        let _ = self.committed_tx.send(Committed {
+            partition: self.key.partition,
+            next_offset: b.next_offset,
+            rows_in: self.rows_in,
+            rows_rejected: self.rows_rejected,
+        });
+        self.rows_in = 0;
+        self.rows_rejected = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! Arrow schemas of the engine's messages and tables.
+//!
+//! Datanet and engine tables are stored Hive-partitioned by `day` (the UTC day of the Kafka
+//! record timestamp); the partition column lives in the path, not in the files.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+/// Name of the Hive partition column of every stored table.
+pub const PARTITION_COLUMN: &str = "day";
+/// Name of the engine's rejections table.
+pub const REJECTIONS_TABLE: &str = "rejections";
+
+fn kafka_timestamp() -> Field {
+    Field::new(
+        "kafka_timestamp",
+        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        false,
+    )
+}
+
+fn kafka_position() -> [Field; 3] {
+    [
+        Field::new("kafka_topic", DataType::Utf8, false),
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+    ]
+}
+
+static KAFKA_RECORD: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("key", DataType::Binary, true),
+        Field::new("value", DataType::Binary, true),
+    ];
+    fields.extend(kafka_position());
+    fields.push(kafka_timestamp());
+    Arc::new(Schema::new(fields))
+});
+
+/// What a Kafka source emits: one row per record, bytes untouched.
+pub fn kafka_record_schema() -> SchemaRef {
+    KAFKA_RECORD.clone()
+}
+
+static CONTRIBUTION: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("content_hash", DataType::Utf8, false),
+        Field::new("datanet", DataType::Utf8, false),
+        Field::new("contributor", DataType::Utf8, false),
+        Field::new("content", DataType::Utf8, false),
+        Field::new("metadata", DataType::Utf8, true),
+        Field::new("nonce", DataType::UInt64, false),
+        Field::new("issued_at", DataType::UInt64, false),
+        Field::new("expires_at", DataType::UInt64, false),
+        Field::new("signature", DataType::Utf8, false),
+    ];
+    fields.extend(kafka_position());
+    fields.push(kafka_timestamp());
+    Arc::new(Schema::new(fields))
+});
+
+/// A Datanet row: one accepted contribution. `metadata` is RFC 8785 canonical JSON.
+pub fn contribution_schema() -> SchemaRef {
+    CONTRIBUTION.clone()
+}
+
+static REJECTION: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("content_hash", DataType::Utf8, true),
+        Field::new("contributor", DataType::Utf8, true),
+        Field::new("datanet", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("duplicate_of", DataType::Utf8, true),
+        Field::new("similarity", DataType::Float64, true),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+    ];
+    fields.extend(kafka_position());
+    fields.push(kafka_timestamp());
+    Arc::new(Schema::new(fields))
+});
+
+/// A row of the `rejections` table: what was refused, by which stage, why, and where it came from.
+pub fn rejection_schema() -> SchemaRef {
+    REJECTION.clone()
+}
+
+/// Names of the columns of `required` missing from `actual` or of another type, for plan-time checks.
+pub fn missing_columns(required: &Schema, actual: &Schema) -> Vec<String> {
+    required
+        .fields()
+        .iter()
+        .filter_map(|f| match actual.field_with_name(f.name()) {
+            Ok(a) if a.data_type() == f.data_type() => None,
+            Ok(a) => Some(format!(
+                "`{}` is {} but {} is required",
+                f.name(),
+                a.data_type(),
+                f.data_type()
+            )),
+            Err(_) => Some(format!("`{}` ({}) is missing", f.name(), f.data_type())),
+        })
+        .collect()
+}

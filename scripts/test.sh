@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs what the tests need (once, cached under ~/.cache/ledgerflow), starts the services they
+# talk to on loopback, runs every test, and stops the services.
+#
+#   scripts/test.sh            everything (what CI runs)
+#   scripts/test.sh --quick    unit tests only (no services)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+cache=${LEDGERFLOW_CACHE:-$HOME/.cache/ledgerflow}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
+tools=$cache/tools
+mkdir -p "$tools"
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+if [[ "${1:-}" == "--quick" ]]; then
+  cargo test --workspace --lib --bins
+  exit 0
+fi
+
+log "tools"
+if ! [ -x "$tools/bin/tansu" ]; then
+  log "installing tansu (a Kafka-protocol broker; about 8 minutes, once)"
+  cargo install tansu --version 0.6.0 --no-default-features --features dynostore --root "$tools"
+fi
+venv=$cache/venv
+if ! [ -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import confluent_kafka, pyarrow, duckdb' 2>/dev/null; then
+  log "installing the outside clients (confluent-kafka, pyarrow, duckdb from PyPI)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check confluent-kafka pyarrow duckdb
+fi
+export LEDGERFLOW_PYTHON=$venv/bin/python
+
+log "format"
+cargo fmt --all -- --check
+
+log "build"
+cargo build --workspace --all-targets
+cargo bench --workspace --no-run
+
+log "services"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+tansu_port=$(free_port)
+"$tools/bin/tansu" broker \
+  --listener-url "tcp://127.0.0.1:$tansu_port" \
+  --advertised-listener-url "tcp://127.0.0.1:$tansu_port" \
+  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$tansu_port") 2>/dev/null; then break; fi
+  sleep 0.1
+done
+export LEDGERFLOW_TEST_TANSU=127.0.0.1:$tansu_port
+export LEDGERFLOW_REQUIRE_SERVICES=1
+log "tansu on $LEDGERFLOW_TEST_TANSU"
+
+log "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast --test-threads 2 || { tail -50 "$work/tansu.log" >&2; exit 1; }
+  cargo test --workspace --doc
+else
+  cargo test --workspace --no-fail-fast -- --test-threads 2 || { tail -50 "$work/tansu.log" >&2; exit 1; }
+fi

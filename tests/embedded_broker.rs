@@ -1,0 +1,161 @@
+//! The user's path of the README on the embedded broker: `broker`, `gen`, `produce`, `validate`,
+//! `run --until-idle`, `sql` in three formats, `datanet list/describe`; and the one-command
+//! quick start.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use common::*;
+
+#[test]
+fn broker_gen_produce_run_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("c.jsonl");
+    let store = dir.path().join("data");
+    gen(&data, 3000, 7, 0.0, 800);
+
+    let mut broker = ledgerflow()
+        .args(["broker", "--port", "0", "--topic", "contributions.legal:4"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(broker.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let bootstrap = first
+        .trim()
+        .strip_prefix("bootstrap=")
+        .expect("first line names the bootstrap")
+        .to_string();
+
+    let out = run_ok(ledgerflow().args([
+        "produce",
+        "--brokers",
+        &bootstrap,
+        "--topic",
+        "contributions.legal",
+        "--file",
+        data.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "produced 3000 records to contributions.legal"
+    );
+
+    let out = run_ok(ledgerflow().args(["validate", "jobs/ingest.yaml"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    run_ok(
+        ledgerflow()
+            .args([
+                "run",
+                "jobs/ingest.yaml",
+                "--until-idle",
+                "2",
+                "--progress",
+                "never",
+            ])
+            .env("KAFKA_BROKERS", &bootstrap)
+            .env("CONTRIBUTIONS_TOPIC", "contributions.legal")
+            .env("LEDGERFLOW_STORE", &store),
+    );
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+
+    assert_eq!(sql_count(&store, "SELECT count(*) FROM legal"), 3000);
+    let top = sql(
+        &store,
+        "SELECT contributor, count(*) AS n FROM legal GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5",
+    );
+    assert_eq!(top.len(), 5);
+    for r in &top {
+        let c = r["contributor"].as_str().unwrap();
+        assert!(c.starts_with("0x") && c.len() == 42 && c == c.to_lowercase());
+    }
+    for (format, check) in [("csv", "contributor,n"), ("table", "| contributor")] {
+        let out = run_ok(ledgerflow().args([
+            "sql",
+            "--store",
+            store.to_str().unwrap(),
+            "--format",
+            format,
+            "SELECT contributor, count(*) AS n FROM legal GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5",
+        ]));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(check),
+            "{format}"
+        );
+    }
+    // Read-only: no DDL, no writes.
+    let out = ledgerflow()
+        .args([
+            "sql",
+            "--store",
+            store.to_str().unwrap(),
+            "CREATE TABLE x AS SELECT 1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = ledgerflow()
+        .args([
+            "sql",
+            "--store",
+            store.to_str().unwrap(),
+            "COPY legal TO '/tmp/x.csv'",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    let out = run_ok(ledgerflow().args(["datanet", "list", "--store", store.to_str().unwrap()]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("legal ") && l.contains("datanet")),
+        "{text}"
+    );
+    let out = run_ok(ledgerflow().args([
+        "datanet",
+        "describe",
+        "legal",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("3000"), "{text}");
+    assert!(text.contains("content_hash"), "{text}");
+    let out = ledgerflow()
+        .args([
+            "datanet",
+            "describe",
+            "nope",
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("legal"));
+}
+
+#[test]
+fn quickstart_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("qs");
+    let out = run_ok(ledgerflow().args([
+        "quickstart",
+        "--count",
+        "3000",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("contributions"), "{text}");
+    let valid = sql_count(&store, "SELECT count(*) FROM legal");
+    let rejected = sql_count(&store, "SELECT count(*) FROM rejections");
+    assert_eq!(valid + rejected, 3000);
+    assert!(rejected > 0, "the quick start plants malformed records");
+}
