@@ -78,12 +78,27 @@ fn n_in_n_out_with_dead_letters_and_metrics() {
         line.clear();
     }
     let metrics_url = metrics_url.expect("metrics address printed");
-    let body = http_get(&metrics_url);
+    // Keep reading the job's log (so its stderr never blocks) while scraping.
+    let log = std::thread::spawn(move || {
+        reader
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let mut body = String::new();
+    for _ in 0..100 {
+        body = http_get(&metrics_url);
+        if body.contains("ledgerflow_operator_rows_in_total{stage=\"decode\"}") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         body.contains("# TYPE ledgerflow_operator_rows_in_total counter"),
         "{body}"
     );
-    let rest: Vec<String> = reader.lines().map_while(Result::ok).collect();
+    assert!(body.contains("ledgerflow_consumer_lag_messages"), "{body}");
+    let rest = log.join().unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "job failed:\n{}", rest.join("\n"));
 
@@ -147,7 +162,7 @@ fn n_in_n_out_with_dead_letters_and_metrics() {
     // DuckDB and pyarrow read the Datanet as it is (Hive-partitioned Parquet).
     let script = format!(
         "import duckdb, pyarrow.dataset as ds\n\
-         n = duckdb.sql(\"SELECT count(*) FROM read_parquet('{0}/datanets/legal/*/*.parquet', hive_partitioning=true)\").fetchone()[0]\n\
+         n = duckdb.connect().execute(\"SELECT count(*) FROM read_parquet('{0}/datanets/legal/*/*.parquet', hive_partitioning=true)\").fetchone()[0]\n\
          m = ds.dataset('{0}/datanets/legal', format='parquet', partitioning='hive').count_rows()\n\
          print(n, m)",
         store.display()

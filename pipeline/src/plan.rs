@@ -51,11 +51,7 @@ impl Plan {
         let mut upstream: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); n];
         for (i, node) in spec.nodes.iter().enumerate() {
-            let section = match node.role {
-                Role::Source => "sources",
-                Role::Stage => "stages",
-                Role::Sink => "sinks",
-            };
+            let section = section_of(node.role);
             for (input, pos) in &node.inputs {
                 let key = format!("{section}.{}.inputs", node.name);
                 match index.get(input.as_str()) {
@@ -121,7 +117,11 @@ impl Plan {
             let first = (0..n).find(|&i| indegree[i] > 0).unwrap_or(0);
             diags.push(d(
                 spec.nodes[first].pos,
-                format!("stages.{}.inputs", spec.nodes[first].name),
+                format!(
+                    "{}.{}.inputs",
+                    section_of(spec.nodes[first].role),
+                    spec.nodes[first].name
+                ),
                 format!("the inputs form a cycle through {}", on_cycle.join(" → ")),
                 Some("a job is a DAG: remove one of these inputs".into()),
             ));
@@ -131,7 +131,7 @@ impl Plan {
             if node.role != Role::Sink && downstream[i].is_empty() {
                 diags.push(d(
                     node.pos,
-                    format!("{}", node.name),
+                    format!("{}.{}", section_of(node.role), node.name),
                     format!("nothing reads `{}`; its rows would be dropped", node.name),
                     Some("add it to the `inputs` of a stage or sink".into()),
                 ));
@@ -145,7 +145,7 @@ impl Plan {
             let inputs: Option<Vec<SchemaRef>> =
                 upstream[i].iter().map(|&j| schemas[j].clone()).collect();
             let Some(inputs) = inputs else { continue };
-            let key = format!("{}.inputs", node.name);
+            let key = format!("{}.{}.inputs", section_of(node.role), node.name);
             let result = match &node.built {
                 Built::Kafka(_) => Ok(kafka_record_schema()),
                 Built::Stage(f) => f.output_schema(&inputs),
@@ -186,5 +186,13 @@ impl Plan {
                 .map(|s| s.expect("every node typed"))
                 .collect(),
         })
+    }
+}
+
+fn section_of(role: Role) -> &'static str {
+    match role {
+        Role::Source => "sources",
+        Role::Stage => "stages",
+        Role::Sink => "sinks",
     }
 }

@@ -163,6 +163,20 @@ impl SourceConsumer {
         self.lag.clone()
     }
 
+    /// Moves the fetch position of an assigned partition.
+    pub fn seek(&self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
+        self.consumer
+            .seek(
+                topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(KafkaError::client(format!(
+                "seeking {topic}/{partition} to {offset}"
+            )))
+    }
+
     /// Records `offsets` (partition → next offset) as the group's committed position, for
     /// visibility in lag tools; the store's commit log stays authoritative.
     pub fn commit_for_visibility(&self, topic: &str, offsets: &[(i32, i64)]) {
@@ -178,20 +192,47 @@ impl SourceConsumer {
         }
     }
 
-    /// Leaves the group (revoking partitions through the handler).
-    pub fn close(&self) {
-        self.consumer.unsubscribe();
-        // Serve the revoke callback.
-        for _ in 0..20 {
-            if self
-                .consumer
-                .assignment()
-                .map(|a| a.count() == 0)
-                .unwrap_or(true)
-            {
-                break;
+    /// Every partition of `topic` with its (low, high) watermarks, straight from the broker.
+    pub fn watermarks(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
+        let md = self
+            .consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(KafkaError::client(format!("metadata of {topic}")))?;
+        let mut out = Vec::new();
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (lo, hi) = self
+                    .consumer
+                    .fetch_watermarks(topic, p.id(), timeout)
+                    .map_err(KafkaError::client(format!(
+                        "watermarks of {topic}/{}",
+                        p.id()
+                    )))?;
+                out.push((p.id(), lo, hi));
             }
-            let _ = self.consumer.poll(Duration::from_millis(50));
+        }
+        Ok(out)
+    }
+
+    /// Leaves the group, serving the revoke callback, and waits at most `timeout` for the
+    /// consumer to close. A broker that never answers must not keep a finished job alive: then
+    /// the handle is abandoned to the exiting process.
+    pub fn close(self, timeout: Duration) {
+        if self.consumer.close_queue().is_ok() {
+            let deadline = std::time::Instant::now() + timeout;
+            while !self.consumer.closed() && std::time::Instant::now() < deadline {
+                let _ = self.consumer.poll(Duration::from_millis(50));
+            }
+            if !self.consumer.closed() {
+                tracing::warn!(
+                    "consumer did not close in {timeout:?}; leaving it to the process exit"
+                );
+                std::mem::forget(self);
+            }
         }
     }
 }

@@ -83,6 +83,58 @@ struct PartitionState {
     bytes_since_barrier: u64,
     last_barrier: Instant,
     first_buffered: Option<Instant>,
+    resume: Option<ResumeCheck>,
+}
+
+/// Verifies that a resumed partition really starts at its committed offset. Kafka returns the
+/// record batch that holds the requested offset (the client drops what precedes it); a broker
+/// that answers with a later batch would make us skip records silently, so when the first record
+/// is past the resume point we seek further back, drop what is already committed, and only
+/// accept a gap the log itself has (retention, compaction, transaction markers).
+struct ResumeCheck {
+    at: i64,
+    rewind: i64,
+    tries: u32,
+}
+
+enum Resume {
+    Take,
+    Drop,
+    SeekTo(i64),
+}
+
+impl ResumeCheck {
+    fn check(&mut self, offset: i64, partition: i32) -> (Resume, bool) {
+        use std::cmp::Ordering::*;
+        match offset.cmp(&self.at) {
+            Less => (Resume::Drop, false),
+            Equal => (Resume::Take, true),
+            Greater if self.tries < 12 && self.at > 0 => {
+                self.rewind = (self.rewind * 4).max((offset - self.at) * 2).max(1024);
+                self.tries += 1;
+                let target = (self.at - self.rewind).max(0);
+                tracing::warn!(
+                    partition,
+                    resume = self.at,
+                    first_delivered = offset,
+                    seek_to = target,
+                    "the broker answered past the resume offset; reading from further back"
+                );
+                (Resume::SeekTo(target), false)
+            }
+            Greater => {
+                tracing::warn!(
+                    partition,
+                    resume = self.at,
+                    first_delivered = offset,
+                    "offsets {}..{} are not in the log; going on from {offset}",
+                    self.at,
+                    offset - 1
+                );
+                (Resume::Take, true)
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -163,6 +215,11 @@ impl Shared {
                     bytes_since_barrier: 0,
                     last_barrier: Instant::now(),
                     first_buffered: None,
+                    resume: resume.map(|at| ResumeCheck {
+                        at,
+                        rewind: 0,
+                        tries: 0,
+                    }),
                 },
             );
         self.summary
@@ -361,6 +418,7 @@ pub fn run_job(
     let mut records: u64 = 0;
     let mut first_record: Option<Instant> = None;
     let mut last_housekeeping = Instant::now();
+    let mut last_drain_check = Instant::now();
     let outcome: Result<(), RunError> = loop {
         if let Some(e) = shared
             .errors
@@ -378,6 +436,23 @@ pub fn run_job(
             Some(Ok(m)) => {
                 let mut parts = shared.partitions.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(st) = parts.get_mut(&m.partition()) {
+                    if let Some(check) = &mut st.resume {
+                        let (what, verified) = check.check(m.offset(), m.partition());
+                        if verified {
+                            st.resume = None;
+                        }
+                        match what {
+                            Resume::Take => {}
+                            Resume::Drop => continue,
+                            Resume::SeekTo(target) => {
+                                if let Err(e) = consumer.seek(&source.topic, m.partition(), target)
+                                {
+                                    break Err(e.into());
+                                }
+                                continue;
+                            }
+                        }
+                    }
                     let offset = st.batcher.push(&m);
                     let len = m.payload_len() as u64;
                     if st.first_offset < 0 {
@@ -461,9 +536,33 @@ pub fn run_job(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .elapsed();
-                if shared.joined.load(Ordering::SeqCst) && quiet >= idle {
-                    tracing::info!(idle_s = idle.as_secs_f64(), "source idle; finishing");
-                    break Ok(());
+                if shared.joined.load(Ordering::SeqCst)
+                    && quiet >= idle
+                    && last_drain_check.elapsed() >= Duration::from_secs(1)
+                {
+                    last_drain_check = Instant::now();
+                    match undrained_partitions(
+                        &consumer,
+                        &shared,
+                        &source.topic,
+                        source.start == ledgerflow_kafka::StartFrom::Latest,
+                    ) {
+                        Ok(waiting) if waiting.is_empty() => {
+                            tracing::info!(
+                                idle_s = idle.as_secs_f64(),
+                                "source idle and topic drained; finishing"
+                            );
+                            break Ok(());
+                        }
+                        Ok(waiting) => tracing::info!(
+                            partitions = ?waiting,
+                            "source idle, but these partitions hold records no one has committed yet \
+                             (held by another member, or by a dead one until its session times out); waiting"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot check whether the topic is drained")
+                        }
+                    }
                 }
             }
         }
@@ -490,7 +589,7 @@ pub fn run_job(
             }
         }
     }
-    consumer.close();
+    consumer.close(Duration::from_secs(10));
     if let Some(e) = shared
         .errors
         .lock()
@@ -519,6 +618,43 @@ pub fn run_job(
     summary.records_read = records;
     summary.active = first_record.map(|t| t.elapsed());
     Ok(summary)
+}
+
+/// Partitions of `topic` with records that are neither read by us nor committed by anyone.
+fn undrained_partitions(
+    consumer: &SourceConsumer,
+    shared: &Shared,
+    topic: &str,
+    starts_at_end: bool,
+) -> Result<Vec<i32>, RunError> {
+    let marks = consumer.watermarks(topic, Duration::from_secs(5))?;
+    let mut waiting = Vec::new();
+    for (p, low, high) in marks {
+        if high <= low {
+            continue;
+        }
+        let ours = shared
+            .partitions
+            .lock()
+            .unwrap_or_else(|x| x.into_inner())
+            .get(&p)
+            .map(|st| st.next_offset);
+        let done = match ours {
+            Some(next) => next >= high,
+            None => {
+                let log = CommitLog::new(shared.store.clone(), shared.key(topic, p));
+                match shared.io.block_on(log.latest())? {
+                    Some(rec) => rec.next_offset >= high,
+                    // Never committed: nothing to wait for only if this source starts at the end.
+                    None => starts_at_end,
+                }
+            }
+        };
+        if !done {
+            waiting.push(p);
+        }
+    }
+    Ok(waiting)
 }
 
 /// The progress line: rate, lag and committed rows, redrawn in place on a terminal.

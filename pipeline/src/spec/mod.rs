@@ -69,9 +69,13 @@ impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}:{}:{}: error at `{}`: {}",
-            self.file, self.pos.line, self.pos.column, self.key, self.message
+            "{}:{}:{}: error",
+            self.file, self.pos.line, self.pos.column
         )?;
+        if !self.key.is_empty() {
+            write!(f, " at `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)?;
         if let Some(h) = &self.hint {
             write!(f, "\n  hint: {h}")?;
         }
@@ -293,16 +297,18 @@ pub fn parse(
             None
         }
     });
-    if let Some(h) = &header {
-        if !crate::naming::valid_job_name(&h.name) {
-            let pos = map.get_node("name").map(Pos::of).unwrap_or_default();
+    if let Some(name) = map.get_scalar("name") {
+        let name = name.as_str();
+        if !name.contains('$') && !crate::naming::valid_job_name(name) {
             diags.push(diag(
-                pos,
+                map.get_node("name").map(Pos::of).unwrap_or_default(),
                 "name",
-                format!("job name {:?} is not usable as a path segment", h.name),
+                format!("job name {name:?} is not usable as a path segment"),
                 Some("use letters, digits, `-` and `_`".into()),
             ));
         }
+    }
+    if let Some(h) = &header {
         if !(h.checkpoint.interval_seconds > 0.0 && h.checkpoint.interval_seconds.is_finite()) {
             diags.push(diag(
                 map.get_node("checkpoint").map(Pos::of).unwrap_or_default(),
