@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# End-to-end ingest benchmark, side by side on the same topic of the same broker:
-#   raw consume by kcat (embedded broker) or a librdkafka consumer (Tansu)  vs  ledgerflow's
-#   ingest job (decode → Parquet Datanet, committed)  vs  a Python baseline (confluent-kafka + pyarrow).
+# End-to-end ingest benchmark, side by side on the same topic of the same broker (Tansu on
+# loopback, memory storage):
+#   raw     a plain librdkafka consumer reading every record and dropping it (examples/raw_consume.rs;
+#           the "kcat -C -e > /dev/null" of the issue: Debian's kcat is too old for Tansu)
+#   ledgerflow  jobs/ingest.yaml: decode → Parquet Datanet (zstd), committed exactly once
+#   python  confluent-kafka + json + pyarrow, zstd Parquet (context only)
 #
 #   benchmarks/ingest.sh [COUNT] [CONTENT_BYTES]      defaults: 1000000 1000
-# Prints a Markdown table: messages/s, MB/s, CPU-seconds per million, peak RSS, and ratios.
+# Prints a Markdown table: wall time, messages/s, MB/s, CPU-seconds per million, peak RSS, ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count=${1:-1000000}
 size=${2:-1000}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/ledgerflow/target}
-cargo build --release -p ledgerflow >&2
+cache=${LEDGERFLOW_CACHE:-$HOME/.cache/ledgerflow}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
+cargo build --release -p ledgerflow --bin ledgerflow --example raw_consume >&2
 lf=$CARGO_TARGET_DIR/release/ledgerflow
-py=${LEDGERFLOW_PYTHON:-$HOME/.cache/ledgerflow/venv/bin/python}
+raw=$CARGO_TARGET_DIR/release/examples/raw_consume
+py=${LEDGERFLOW_PYTHON:-$cache/venv/bin/python}
+tansu=${TANSU:-$cache/tools/bin/tansu}
 out=benchmarks/out; mkdir -p "$out"
 data=$out/contributions-$count-$size.jsonl
 if ! [ -s "$data" ]; then
@@ -21,11 +27,14 @@ fi
 bytes=$(stat -c %s "$data")
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$lf" broker --port "$port" --topic bench:4 > "$out/broker.out" 2>"$out/broker.log" &
+"$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+  --storage-engine memory://tansu/ > "$out/tansu.log" 2>&1 &
 broker=$!
 trap 'kill $broker 2>/dev/null || true' EXIT
-for _ in $(seq 1 50); do grep -q bootstrap= "$out/broker.out" 2>/dev/null && break; sleep 0.1; done
 b=127.0.0.1:$port
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+"$py" tests/support/kafka_client.py create --brokers "$b" --topic bench --partitions 4
+"$py" tests/support/kafka_client.py create --brokers "$b" --topic bench.dlq --partitions 1
 "$lf" produce --brokers "$b" --topic bench --file "$data" >&2
 
 measure() { # name, command… → "name wall_s cpu_s maxrss_kb"
@@ -36,7 +45,7 @@ measure() { # name, command… → "name wall_s cpu_s maxrss_kb"
 }
 
 rows=()
-rows+=("$(measure kcat kcat -C -b "$b" -t bench -o beginning -e -q)")
+rows+=("$(measure raw "$raw" "$b" bench "$count")")
 rm -rf "$out/store"
 rows+=("$(measure ledgerflow env KAFKA_BROKERS="$b" CONTRIBUTIONS_TOPIC=bench LEDGERFLOW_STORE="$out/store" LEDGERFLOW_LOG=warn \
   "$lf" run jobs/ingest.yaml --until-idle 1 --progress never)")
@@ -59,6 +68,6 @@ for r in "${rows[@]}"; do
     "$(echo "$rss / 1024" | bc -l)" "$(echo "$rate / $raw_rate" | bc -l)"
 done
 if [ -n "$active" ]; then
-  printf "\nledgerflow from first record to final commit (without group join and the idle wait): %.2f s, %.0f msgs/s, %.2f of raw\n" \
+  printf "\nledgerflow from its first record to its final commit (without the group join and the idle wait): %.2f s, %.0f msgs/s, %.2f of raw\n" \
     "$active" "$(echo "$count / $active" | bc -l)" "$(echo "$count / $active / $raw_rate" | bc -l)"
 fi
