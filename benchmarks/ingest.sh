@@ -7,6 +7,7 @@
 #   python  confluent-kafka + json + pyarrow, zstd Parquet (context only)
 #
 #   benchmarks/ingest.sh [COUNT] [CONTENT_BYTES]      defaults: 1000000 1000
+#   PROFILE=dev benchmarks/ingest.sh …                 use the dev build (dependencies at opt-level 2)
 # Prints a Markdown table: wall time, messages/s, MB/s, CPU-seconds per million, peak RSS, ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +15,11 @@ count=${1:-1000000}
 size=${2:-1000}
 cache=${LEDGERFLOW_CACHE:-$HOME/.cache/ledgerflow}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
-cargo build --release -p ledgerflow --bin ledgerflow --example raw_consume >&2
-lf=$CARGO_TARGET_DIR/release/ledgerflow
-raw=$CARGO_TARGET_DIR/release/examples/raw_consume
+profile=${PROFILE:-release}
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+cargo build --profile "$profile" -p ledgerflow --bin ledgerflow --example raw_consume >&2
+lf=$CARGO_TARGET_DIR/$dir/ledgerflow
+raw=$CARGO_TARGET_DIR/$dir/examples/raw_consume
 py=${LEDGERFLOW_PYTHON:-$cache/venv/bin/python}
 tansu=${TANSU:-$cache/tools/bin/tansu}
 out=benchmarks/out; mkdir -p "$out"

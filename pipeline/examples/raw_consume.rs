@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -21,7 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .set("bootstrap.servers", brokers)
         .set("group.id", "raw-consume")
         .set("enable.auto.commit", "false")
+        // The same fetch settings as ledgerflow's source, so both wait on the broker alike.
         .set("queued.max.messages.kbytes", "65536")
+        .set("fetch.wait.max.ms", "50")
         .create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
