@@ -6,10 +6,8 @@ use crate::registry::{registry, Role};
 use crate::spec::JobHeader;
 
 fn inline_defs(schema: &mut Value, defs: &mut Map<String, Value>) {
-    if let Some(d) = schema.as_object_mut().and_then(|o| o.remove("$defs")) {
-        if let Value::Object(d) = d {
-            defs.extend(d);
-        }
+    if let Some(Value::Object(d)) = schema.as_object_mut().and_then(|o| o.remove("$defs")) {
+        defs.extend(d);
     }
     if let Some(o) = schema.as_object_mut() {
         o.remove("$schema");

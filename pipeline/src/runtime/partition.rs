@@ -29,7 +29,7 @@ use crate::spec::JobSpec;
 enum Node {
     Source,
     Op(Box<dyn Operator>, OperatorContext),
-    Sink(TableSink),
+    Sink(Box<TableSink>),
 }
 
 struct NodeMetrics {
@@ -111,12 +111,12 @@ impl PartitionPipeline {
                     }
                     Node::Op(op, ctx)
                 }
-                Built::Datanet(c) => Node::Sink(TableSink::new(
+                Built::Datanet(c) => Node::Sink(Box::new(TableSink::new(
                     TableRef::datanet(&c.datanet),
                     c.input_schema(),
                     c.zstd_level,
                     c.row_group_rows,
-                )),
+                ))),
             });
         }
         Ok(Self {

@@ -270,7 +270,7 @@ pub fn parse(
         serde_json::to_value(schemars::schema_for!(JobHeader)).expect("schemas serialise");
     let checker = SchemaChecker::new(file, env);
     let header_keys: Vec<&str> = checker.property_names(&header_schema);
-    let mut header_map = marked_yaml::types::MarkedMappingNode::new_empty(root.span().clone());
+    let mut header_map = marked_yaml::types::MarkedMappingNode::new_empty(*root.span());
     for (k, v) in map.iter() {
         let key = k.as_str();
         if SECTIONS.iter().any(|(s, _)| *s == key) {
@@ -482,7 +482,7 @@ fn parse_node(
     }
 
     let schema = serde_json::to_value((entry.schema)()).expect("schemas serialise");
-    let mut config = marked_yaml::types::MarkedMappingNode::new_empty(body.span().clone());
+    let mut config = marked_yaml::types::MarkedMappingNode::new_empty(*body.span());
     for (k, v) in m.iter() {
         if k.as_str() != "type" && k.as_str() != "inputs" {
             config.insert(k.clone(), v.clone());

@@ -136,9 +136,7 @@ impl<'a> SchemaChecker<'a> {
             }
         }
         if let Some(values) = Self::enum_values(schema) {
-            let Some(s) = self.scalar(node, path, diags) else {
-                return None;
-            };
+            let s = self.scalar(node, path, diags)?;
             if values.contains(&s.as_str()) {
                 return Some(Value::String(s));
             }
