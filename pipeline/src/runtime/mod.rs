@@ -515,17 +515,19 @@ pub fn run_job(
             if !offsets.is_empty() {
                 consumer.commit_for_visibility(&source.topic, &offsets);
             }
+            // One lock of each map: this runs on every housekeeping tick.
+            let held: Vec<i32> = shared
+                .partitions
+                .lock()
+                .unwrap_or_else(|x| x.into_inner())
+                .keys()
+                .copied()
+                .collect();
             let total_lag: i64 = lag
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .filter(|(p, _)| {
-                    shared
-                        .partitions
-                        .lock()
-                        .unwrap_or_else(|x| x.into_inner())
-                        .contains_key(p)
-                })
+                .filter(|(p, _)| held.contains(p))
                 .map(|(_, l)| *l)
                 .sum();
             lag_gauge.set(total_lag.max(0) as u64);
