@@ -8,16 +8,20 @@
 #
 #   benchmarks/ingest.sh [COUNT] [CONTENT_BYTES]      defaults: 1000000 1000
 #   PROFILE=dev benchmarks/ingest.sh …                 use the dev build (dependencies at opt-level 2)
+#   NO_BUILD=1 benchmarks/ingest.sh …                  use the binaries already built for PROFILE
 # Prints a Markdown table: wall time, messages/s, MB/s, CPU-seconds per million, peak RSS, ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/lib.sh
 count=${1:-1000000}
 size=${2:-1000}
 cache=${LEDGERFLOW_CACHE:-$HOME/.cache/ledgerflow}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
 profile=${PROFILE:-release}
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
-cargo build --profile "$profile" -p ledgerflow --bin ledgerflow --example raw_consume >&2
+if [ -z "${NO_BUILD:-}" ]; then
+  cargo build --profile "$profile" -p ledgerflow --bin ledgerflow --example raw_consume >&2
+fi
 lf=$CARGO_TARGET_DIR/$dir/ledgerflow
 raw=$CARGO_TARGET_DIR/$dir/examples/raw_consume
 py=${LEDGERFLOW_PYTHON:-$cache/venv/bin/python}
@@ -40,37 +44,17 @@ for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && br
 "$py" tests/support/kafka_client.py create --brokers "$b" --topic bench.dlq --partitions 1
 "$lf" produce --brokers "$b" --topic bench --file "$data" >&2
 
-measure() { # name, command… → "name wall_s cpu_s maxrss_kb"
-  local name=$1; shift
-  /usr/bin/time -f "%e %U %S %M" -o "$out/$name.time" "$@" > "$out/$name.stdout" 2> "$out/$name.stderr"
-  read -r wall user sys rss < "$out/$name.time"
-  echo "$name $wall $(echo "$user + $sys" | bc) $rss"
-}
-
 rows=()
 rows+=("$(measure raw "$raw" "$b" bench "$count")")
 rm -rf "$out/store"
 rows+=("$(measure ledgerflow env KAFKA_BROKERS="$b" CONTRIBUTIONS_TOPIC=bench LEDGERFLOW_STORE="$out/store" LEDGERFLOW_LOG=warn \
   "$lf" run jobs/ingest.yaml --until-idle 1 --progress never)")
-active=$(grep -o 'active [0-9.]*s' "$out/ledgerflow.stderr" | tr -dc '0-9.')
 rm -rf "$out/py"
 rows+=("$(measure python "$py" benchmarks/python_ingest.py --brokers "$b" --topic bench --expect "$count" --out "$out/py")")
 committed=$("$lf" sql --store "$out/store" --format csv "SELECT count(*) AS n FROM legal" | tail -1)
 
-echo "count=$count content_bytes=$size file_bytes=$bytes committed=$committed ledgerflow_active_s=$active"
+echo "count=$count content_bytes=$size file_bytes=$bytes committed=$committed"
 echo
-echo "| consumer | wall s | msgs/s | MB/s | CPU s per 1M msgs | peak RSS MB | rate vs raw |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
-raw_rate=
-for r in "${rows[@]}"; do
-  read -r name wall cpu rss <<<"$r"
-  rate=$(echo "$count / $wall" | bc -l)
-  [ -z "$raw_rate" ] && raw_rate=$rate
-  printf "| %s | %.2f | %.0f | %.1f | %.2f | %.0f | %.2f |\n" "$name" "$wall" "$rate" \
-    "$(echo "$bytes / $wall / 1000000" | bc -l)" "$(echo "$cpu * 1000000 / $count" | bc -l)" \
-    "$(echo "$rss / 1024" | bc -l)" "$(echo "$rate / $raw_rate" | bc -l)"
-done
-if [ -n "$active" ]; then
-  printf "\nledgerflow from its first record to its final commit (without the group join and the idle wait): %.2f s, %.0f msgs/s, %.2f of raw\n" \
-    "$active" "$(echo "$count / $active" | bc -l)" "$(echo "$count / $active / $raw_rate" | bc -l)"
-fi
+table "$count" "$bytes" "${rows[@]}"
+read -r _ raw_wall _ <<<"${rows[0]}"
+active_line "$count" "$raw_wall" "$out/ledgerflow.stderr"

@@ -14,6 +14,7 @@ pub mod decode;
 pub mod metrics;
 pub mod operator;
 pub mod rejection;
+pub mod signature;
 
 pub use operator::{
     Barrier, Collector, Message, Operator, OperatorContext, OperatorError, Signal, StageFactory,

@@ -9,6 +9,8 @@ pub mod gen;
 pub mod job_schema;
 pub mod naming;
 pub mod plan;
+#[cfg(feature = "polars")]
+pub use ledgerflow_polars as polars_frame;
 pub mod registry;
 pub mod runtime;
 pub mod spec;

@@ -72,6 +72,17 @@ enum Command {
         #[arg(long, default_value = "none")]
         compression: String,
     },
+    /// Checks the EIP-712 signatures of a JSON-lines file of contribution messages; prints one
+    /// line per refused message (FILE:LINE: reason: detail) and exits 1 if there is any.
+    Verify {
+        file: PathBuf,
+        /// chainId of the signing domain.
+        #[arg(long, default_value_t = 31337)]
+        chain_id: u64,
+        /// verifyingContract of the signing domain.
+        #[arg(long, default_value = "0x0000000000000000000000000000000000000000")]
+        verifying_contract: String,
+    },
     /// Checks job files; reports every problem with file, line, column, key and a hint.
     Validate {
         #[arg(required = true)]
@@ -159,9 +170,16 @@ fn main() {
         Command::Run { .. } | Command::Quickstart { .. } | Command::Broker { .. } => "info",
         _ => "warn",
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let directives = cli.log.as_deref().unwrap_or(default_level);
+    let mut filter = tracing_subscriber::EnvFilter::try_new(directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !directives.contains("rdkafka::consumer") {
+        // rdkafka's consumer destructor closes the queue a second time after our own orderly
+        // close and logs the (expected) "broker handle destroyed" as an error on every exit.
+        if let Ok(d) = "rdkafka::consumer::base_consumer=off".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -287,6 +305,11 @@ fn real_main(command: Command) -> Result<i32> {
             println!("produced {n} records to {topic}");
             Ok(0)
         }
+        Command::Verify {
+            file,
+            chain_id,
+            verifying_contract,
+        } => verify_file(&file, chain_id, &verifying_contract),
         Command::Validate { files } => {
             let mut failed = 0;
             for f in &files {
@@ -507,6 +530,50 @@ fn datanet(what: DatanetCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn verify_file(file: &Path, chain_id: u64, verifying_contract: &str) -> Result<i32> {
+    use ledgerflow_operators::decode::{decode_message, DecodeConfig};
+    use ledgerflow_operators::signature::{check_contribution, parse_address};
+    use ledgerflow_schemas::contribution::{Contribution, SigningDomain};
+
+    let domain = SigningDomain {
+        chain_id,
+        verifying_contract: parse_address(verifying_contract)
+            .map_err(|e| anyhow::anyhow!("--verifying-contract: {e}"))?,
+    };
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let config = DecodeConfig::default();
+    let (mut total, mut refused) = (0u64, 0u64);
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
+        let line = line.with_context(|| format!("reading {}", file.display()))?;
+        if line.is_empty() {
+            continue;
+        }
+        total += 1;
+        let verdict = match decode_message(&line, &config) {
+            Err(e) => Err((e.reason, e.detail)),
+            Ok(row) => match serde_json::from_slice::<Contribution<'_>>(&line) {
+                Err(e) => Err(("schema", e.to_string())),
+                Ok(c) => check_contribution(&c, &domain)
+                    .map(|_| ())
+                    .map_err(|e| (e.reason(), e.detail(&row.contributor))),
+            },
+        };
+        if let Err((reason, detail)) = verdict {
+            refused += 1;
+            writeln!(out, "{}:{}: {reason}: {detail}", file.display(), i + 1)?;
+        }
+    }
+    writeln!(
+        out,
+        "{}: {} of {total} signatures verified, {refused} refused",
+        file.display(),
+        total - refused
+    )?;
+    Ok(i32::from(refused > 0))
 }
 
 fn quickstart(count: u64, store_url: &str) -> Result<()> {

@@ -128,3 +128,54 @@ pub fn ingest_command(brokers: &str, topic: &str, store: &Path, group: &str) -> 
         .env("LEDGERFLOW_LOG", "info");
     c
 }
+
+/// The S3-compatible server (moto) started by `scripts/test.sh`, as its endpoint URL; `None`
+/// (skip) outside it.
+pub fn s3_endpoint() -> Option<String> {
+    match std::env::var("LEDGERFLOW_TEST_S3") {
+        Ok(e) if !e.is_empty() => Some(e),
+        _ if std::env::var("LEDGERFLOW_REQUIRE_SERVICES").is_ok() => {
+            panic!("LEDGERFLOW_TEST_S3 is not set: run the tests with scripts/test.sh")
+        }
+        _ => {
+            eprintln!("skipped: no S3-compatible server (run scripts/test.sh to start one)");
+            None
+        }
+    }
+}
+
+/// The `AWS_*` environment that points a client at `endpoint` (moto accepts any key).
+pub fn s3_env(endpoint: &str) -> [(&'static str, String); 4] {
+    [
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ACCESS_KEY_ID", "ledgerflow-test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "ledgerflow-test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
+/// Creates `bucket` on the S3-compatible server with the outside client (boto3).
+pub fn create_bucket(endpoint: &str, bucket: &str) {
+    let script = format!(
+        "import boto3\n\
+         s3 = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='t', \
+         aws_secret_access_key='t', region_name='us-east-1')\n\
+         s3.create_bucket(Bucket='{bucket}')\n"
+    );
+    run_ok(Command::new(python()).args(["-c", &script]));
+}
+
+/// `node_modules` with the outside wallet library (ethers) installed by `scripts/test.sh`;
+/// `None` (skip) outside it.
+pub fn node_modules() -> Option<String> {
+    match std::env::var("LEDGERFLOW_NODE_MODULES") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ if std::env::var("LEDGERFLOW_REQUIRE_SERVICES").is_ok() => {
+            panic!("LEDGERFLOW_NODE_MODULES is not set: run the tests with scripts/test.sh")
+        }
+        _ => {
+            eprintln!("skipped: no ethers from npm (run scripts/test.sh to install it)");
+            None
+        }
+    }
+}

@@ -5,26 +5,53 @@
 
 use std::time::Duration;
 
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::KafkaError;
 
 /// A running embedded broker. Dropping it stops the cluster.
 pub struct EmbeddedBroker {
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    /// The client that owns the mock cluster (`test.mock.num.brokers`): the cluster lives
+    /// exactly as long as it.
+    owner: BaseProducer,
     bootstrap: String,
     forwarder: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Sets the mock coordinator's `group.initial.rebalance.delay.ms` to zero. Its default (3 s, as
+/// on a real broker) holds every first consumer of a group for 3 s, which on a one-process
+/// development broker only delays the quick start; rdkafka has no safe wrapper for it.
+#[allow(unsafe_code)]
+fn no_initial_rebalance_delay(owner: &BaseProducer) -> Result<(), KafkaError> {
+    // SAFETY: `native_ptr` is the live handle of `owner`, borrowed for this call; librdkafka
+    // returns the mock cluster that handle owns (or null, checked), valid while `owner` lives,
+    // and the setter only stores an integer under the cluster's lock.
+    unsafe {
+        let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+        if cluster.is_null() {
+            return Err(KafkaError::Broker("the mock cluster did not start".into()));
+        }
+        rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0);
+    }
+    Ok(())
 }
 
 impl EmbeddedBroker {
     /// Starts a one-broker cluster. With `port`, a forwarder on `127.0.0.1:port` is started on the
     /// current tokio runtime and becomes the bootstrap address.
     pub async fn start(port: Option<u16>) -> Result<Self, KafkaError> {
-        let cluster =
-            MockCluster::new(1).map_err(KafkaError::client("starting the mock cluster"))?;
-        let inner = cluster.bootstrap_servers();
+        let owner: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", "1")
+            .create()
+            .map_err(KafkaError::client("starting the mock cluster"))?;
+        no_initial_rebalance_delay(&owner)?;
+        let inner = owner
+            .client()
+            .mock_cluster()
+            .ok_or_else(|| KafkaError::Broker("the mock cluster did not start".into()))?
+            .bootstrap_servers();
         let (bootstrap, forwarder) = match port {
             None => (inner, None),
             Some(port) => {
@@ -52,7 +79,7 @@ impl EmbeddedBroker {
             }
         };
         Ok(Self {
-            cluster,
+            owner,
             bootstrap,
             forwarder,
         })
@@ -65,7 +92,10 @@ impl EmbeddedBroker {
 
     /// Creates `topic` with `partitions` partitions (the mock broker has no CreateTopics API).
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
-        self.cluster
+        self.owner
+            .client()
+            .mock_cluster()
+            .ok_or_else(|| KafkaError::Broker("the mock cluster is gone".into()))?
             .create_topic(topic, partitions, 1)
             .map_err(KafkaError::client(format!("creating topic {topic}")))
     }

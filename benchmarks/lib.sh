@@ -1,0 +1,35 @@
+# Shared by the benchmark scripts: timing a command and printing the side-by-side table.
+# shellcheck shell=bash
+
+# measure NAME COMMAND… → prints "NAME wall_s cpu_s maxrss_kb"; output in $out/NAME.{stdout,stderr}
+measure() {
+  local name=$1; shift
+  /usr/bin/time -f "%e %U %S %M" -o "$out/$name.time" "$@" > "$out/$name.stdout" 2> "$out/$name.stderr"
+  read -r wall user sys rss < "$out/$name.time"
+  echo "$name $wall $(echo "$user + $sys" | bc) $rss"
+}
+
+# table COUNT BYTES ROW… (rows from measure; the first is the baseline) → Markdown table
+table() {
+  local count=$1 bytes=$2; shift 2
+  echo "| consumer | wall s | msgs/s | MB/s | CPU s per 1M msgs | peak RSS MB | rate vs ${1%% *} |"
+  echo "| --- | --- | --- | --- | --- | --- | --- |"
+  local base= r name wall cpu rss rate
+  for r in "$@"; do
+    read -r name wall cpu rss <<<"$r"
+    rate=$(echo "$count / $wall" | bc -l)
+    [ -z "$base" ] && base=$rate
+    printf "| %s | %.2f | %.0f | %.1f | %.2f | %.0f | %.2f |\n" "$name" "$wall" "$rate" \
+      "$(echo "$bytes / $wall / 1000000" | bc -l)" "$(echo "$cpu * 1000000 / $count" | bc -l)" \
+      "$(echo "$rss / 1024" | bc -l)" "$(echo "$rate / $base" | bc -l)"
+  done
+}
+
+# active_line COUNT BASELINE_WALL_S STDERR_FILE → the engine's own first-record-to-final-commit rate
+active_line() {
+  local count=$1 base_wall=$2 active
+  active=$(grep -o 'active [0-9.]*s' "$3" | tr -dc '0-9.')
+  [ -z "$active" ] && return 0
+  printf "\nledgerflow from its first record to its final commit (without the group join and the idle wait): %.2f s, %.0f msgs/s, %.2f of the baseline\n" \
+    "$active" "$(echo "$count / $active" | bc -l)" "$(echo "$base_wall / $active" | bc -l)"
+}
