@@ -90,3 +90,4 @@ fi
 log "the polars feature (off by default; a long build the first time)"
 # Its own build: polars' feature choices for shared crates stay out of the engine's build.
 LEDGERFLOW_BIN=$CARGO_TARGET_DIR/debug/ledgerflow cargo test --profile polars-test -p ledgerflow-polars -- --test-threads 2
+cargo check --profile polars-test -p ledgerflow --features polars --lib   # the re-export as ledgerflow::polars_frame

@@ -159,3 +159,70 @@ fn quickstart_runs_end_to_end() {
     assert_eq!(valid + rejected, 3000);
     assert!(rejected > 0, "the quick start plants malformed records");
 }
+
+/// The per-process memory budget: with many partitions and a long checkpoint interval, the
+/// record bytes held across partitions force checkpoints of the largest ones, and the data is
+/// still written exactly once.
+#[test]
+fn memory_budget_checkpoints_the_largest_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("c.jsonl");
+    let store = dir.path().join("data");
+    gen(&data, 4000, 21, 0.0, 800);
+    let mut broker = ledgerflow()
+        .args(["broker", "--port", "0", "--topic", "contributions.legal:8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(broker.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let bootstrap = first.trim().strip_prefix("bootstrap=").unwrap().to_string();
+    run_ok(ledgerflow().args([
+        "produce",
+        "--brokers",
+        &bootstrap,
+        "--topic",
+        "contributions.legal",
+        "--file",
+        data.to_str().unwrap(),
+    ]));
+    let out = run_ok(
+        ledgerflow()
+            .args([
+                "run",
+                "jobs/ingest.yaml",
+                "--until-idle",
+                "2",
+                "--progress",
+                "never",
+            ])
+            .env("KAFKA_BROKERS", &bootstrap)
+            .env("CONTRIBUTIONS_TOPIC", "contributions.legal")
+            .env("LEDGERFLOW_STORE", &store)
+            .env("CHECKPOINT_INTERVAL_SECONDS", "600")
+            .env("CHECKPOINT_MAX_TOTAL_BYTES", "1000000"),
+    );
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    // ~5.6 MB of records against a 1 MB budget: the 8 partitions cannot wait for the final
+    // checkpoint alone.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let done = stderr
+        .lines()
+        .find(|l| l.starts_with("done:"))
+        .expect("summary line");
+    let checkpoints: u64 = done
+        .split(" checkpoints over partitions")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no checkpoint count in {done:?}"));
+    assert!(checkpoints > 8, "{done}");
+    assert_eq!(sql_count(&store, "SELECT count(*) FROM legal"), 4000);
+    assert_eq!(
+        sql_count(&store, "SELECT count(DISTINCT content_hash) FROM legal"),
+        4000
+    );
+}

@@ -270,6 +270,32 @@ impl Shared {
             })
     }
 
+    /// Checkpoints the partitions holding the most uncheckpointed bytes until at most `target`
+    /// bytes are left over all of them.
+    fn relieve_memory(
+        &self,
+        parts: &mut HashMap<i32, PartitionState>,
+        target: u64,
+    ) -> Result<(), RunError> {
+        let mut by_size: Vec<(u64, i32)> = parts
+            .iter()
+            .map(|(p, s)| (s.bytes_since_barrier, *p))
+            .collect();
+        by_size.sort_unstable_by(|a, b| b.cmp(a));
+        let mut total: u64 = by_size.iter().map(|(b, _)| b).sum();
+        for (bytes, p) in by_size {
+            if total <= target || bytes == 0 {
+                break;
+            }
+            if let Some(st) = parts.get_mut(&p) {
+                tracing::debug!(partition = p, bytes, total, "memory budget: checkpointing");
+                self.barrier(st, false)?;
+            }
+            total -= bytes;
+        }
+        Ok(())
+    }
+
     /// Final barrier, end of data, and wait for the pipeline's last commit.
     fn stop_partition(&self, mut st: PartitionState) -> Result<(), RunError> {
         let p = st.batcher_partition();
@@ -419,6 +445,9 @@ pub fn run_job(
     let mut first_record: Option<Instant> = None;
     let mut last_housekeeping = Instant::now();
     let mut last_drain_check = Instant::now();
+    // Record bytes read and not yet checkpointed, over every partition held (an upper bound
+    // between housekeeping ticks, which recount it).
+    let mut buffered: u64 = 0;
     let outcome: Result<(), RunError> = loop {
         if let Some(e) = shared
             .errors
@@ -477,6 +506,13 @@ pub fn run_job(
                     if let Err(e) = result {
                         break Err(e);
                     }
+                    buffered += len;
+                }
+                if buffered >= ckpt.max_total_bytes {
+                    if let Err(e) = shared.relieve_memory(&mut parts, ckpt.max_total_bytes / 2) {
+                        break Err(e);
+                    }
+                    buffered = parts.values().map(|s| s.bytes_since_barrier).sum();
                 }
                 drop(parts);
                 *shared.last_event.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -501,6 +537,7 @@ pub fn run_job(
                     break;
                 }
             }
+            buffered = parts.values().map(|s| s.bytes_since_barrier).sum();
             drop(parts);
             if let Some(e) = failed {
                 break Err(e);

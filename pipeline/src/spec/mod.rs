@@ -116,6 +116,11 @@ pub struct CheckpointConfig {
     /// ... or this many bytes of record values (bounds memory per partition).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// ... and, over all the partitions one process holds, whenever their record bytes not yet
+    /// checkpointed add up to this: the partitions holding the most are checkpointed until half
+    /// of it is left (bounds memory per process, whatever the number of partitions).
+    #[serde(default = "default_max_total_bytes")]
+    pub max_total_bytes: u64,
 }
 
 fn default_interval_seconds() -> f64 {
@@ -127,6 +132,9 @@ fn default_max_rows() -> u64 {
 fn default_max_bytes() -> u64 {
     48 << 20
 }
+fn default_max_total_bytes() -> u64 {
+    128 << 20
+}
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
@@ -134,6 +142,7 @@ impl Default for CheckpointConfig {
             interval_seconds: default_interval_seconds(),
             max_rows: default_max_rows(),
             max_bytes: default_max_bytes(),
+            max_total_bytes: default_max_total_bytes(),
         }
     }
 }
