@@ -44,7 +44,6 @@ cargo fmt --all -- --check
 
 log "build"
 cargo build --workspace --exclude ledgerflow-polars --all-targets
-cargo bench --workspace --exclude ledgerflow-polars --no-run
 
 log "services"
 work=$(mktemp -d)
