@@ -318,13 +318,37 @@ pub fn parse(
         }
     }
     if let Some(h) = &header {
-        if !(h.checkpoint.interval_seconds > 0.0 && h.checkpoint.interval_seconds.is_finite()) {
+        // The position of `checkpoint.<key>`, else of `checkpoint`.
+        let at = |key: &str| {
+            let ck = map.get_node("checkpoint");
+            ck.and_then(|c| c.as_mapping())
+                .and_then(|c| c.get_node(key))
+                .or(ck)
+                .map(Pos::of)
+                .unwrap_or_default()
+        };
+        let ck = &h.checkpoint;
+        if !(ck.interval_seconds > 0.0 && ck.interval_seconds.is_finite()) {
             diags.push(diag(
-                map.get_node("checkpoint").map(Pos::of).unwrap_or_default(),
+                at("interval_seconds"),
                 "checkpoint.interval_seconds",
                 "must be a positive number of seconds".into(),
                 None,
             ));
+        }
+        for (key, value) in [
+            ("max_rows", ck.max_rows),
+            ("max_bytes", ck.max_bytes),
+            ("max_total_bytes", ck.max_total_bytes),
+        ] {
+            if value == 0 {
+                diags.push(diag(
+                    at(key),
+                    &format!("checkpoint.{key}"),
+                    "must be at least 1".into(),
+                    Some("leave the key out for its default".into()),
+                ));
+            }
         }
     }
 
