@@ -24,7 +24,7 @@ use rdkafka::Message as _;
 use crate::plan::Plan;
 use crate::registry::Built;
 use crate::spec::JobSpec;
-use channel::{row_channel, RowSender};
+use channel::{row_channel, ByteBudget, RowSender};
 use partition::{Committed, PartitionPipeline};
 
 /// Why a run failed. Operator and store errors stop the job; it restarts from its last commit.
@@ -144,6 +144,8 @@ struct Shared {
     store: Store,
     worker: String,
     channel_rows: usize,
+    /// Bytes of batches in flight between the source and every partition's pipeline.
+    in_flight: ByteBudget,
     cpu: tokio::runtime::Handle,
     io: tokio::runtime::Handle,
     dead_letter: Option<DeadLetterProducer>,
@@ -195,7 +197,7 @@ impl Shared {
             self.metrics.clone(),
             committed_tx,
         ))?;
-        let (tx, rx) = row_channel(self.channel_rows);
+        let (tx, rx) = row_channel(self.channel_rows, self.in_flight.clone());
         let task = self.cpu.spawn(pipeline.run(rx));
         let resume = last.as_ref().map(|r| r.next_offset);
         tracing::info!(topic, partition, resume_offset = ?resume, worker = %self.worker, "partition assigned");
@@ -419,6 +421,7 @@ pub fn run_job(
         store: opts.store.clone(),
         worker: opts.worker.clone(),
         channel_rows: opts.channel_rows,
+        in_flight: ByteBudget::new(ckpt.max_total_bytes),
         cpu: cpu.handle().clone(),
         io: io.clone(),
         dead_letter,

@@ -118,7 +118,9 @@ pub struct CheckpointConfig {
     pub max_bytes: u64,
     /// ... and, over all the partitions one process holds, whenever their record bytes not yet
     /// checkpointed add up to this: the partitions holding the most are checkpointed until half
-    /// of it is left (bounds memory per process, whatever the number of partitions).
+    /// of it is left. The same number bounds the Arrow memory of batches in flight from the
+    /// source to the pipelines (the source waits), so memory per process is bounded whatever
+    /// the number of partitions.
     #[serde(default = "default_max_total_bytes")]
     pub max_total_bytes: u64,
 }
