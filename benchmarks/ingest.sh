@@ -15,22 +15,12 @@ cd "$(dirname "$0")/.."
 source benchmarks/lib.sh
 count=${1:-1000000}
 size=${2:-1000}
-cache=${LEDGERFLOW_CACHE:-$HOME/.cache/ledgerflow}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
-profile=${PROFILE:-release}
-dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
-if [ -z "${NO_BUILD:-}" ]; then
-  cargo build --profile "$profile" -p ledgerflow --bin ledgerflow --example raw_consume >&2
-fi
-lf=$CARGO_TARGET_DIR/$dir/ledgerflow
-raw=$CARGO_TARGET_DIR/$dir/examples/raw_consume
+build_binaries --bin ledgerflow --example raw_consume
+raw=$bindir/examples/raw_consume
 py=${LEDGERFLOW_PYTHON:-$cache/venv/bin/python}
 tansu=${TANSU:-$cache/tools/bin/tansu}
 out=benchmarks/out; mkdir -p "$out"
-data=$out/contributions-$count-$size.jsonl
-if ! [ -s "$data" ]; then
-  "$lf" gen contributions --count "$count" --content-bytes "$size" --seed 7 --out "$data" >&2
-fi
+data=$(contributions "$count" "$size")
 bytes=$(stat -c %s "$data")
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -15,20 +15,10 @@ source benchmarks/lib.sh
 count=${1:-200000}
 size=${2:-1000}
 partitions=${3:-96}
-cache=${LEDGERFLOW_CACHE:-$HOME/.cache/ledgerflow}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
-profile=${PROFILE:-release}
-dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
-if [ -z "${NO_BUILD:-}" ]; then
-  cargo build --profile "$profile" -p ledgerflow --bin ledgerflow >&2
-fi
+build_binaries --bin ledgerflow
 command -v kcat >/dev/null || { echo "kcat is not installed (apt-get install kcat)" >&2; exit 1; }
-lf=$CARGO_TARGET_DIR/$dir/ledgerflow
 out=benchmarks/out/embedded; mkdir -p "$out"
-data=benchmarks/out/contributions-$count-$size.jsonl
-if ! [ -s "$data" ]; then
-  "$lf" gen contributions --count "$count" --content-bytes "$size" --seed 7 --out "$data" >&2
-fi
+data=$(contributions "$count" "$size")
 bytes=$(stat -c %s "$data")
 if (( bytes > partitions * 5 * 1024 * 1024 * 9 / 10 )); then
   echo "$bytes bytes do not fit in $partitions partitions of the mock cluster (5 MB each): use more partitions" >&2

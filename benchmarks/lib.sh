@@ -1,6 +1,30 @@
 # Shared by the benchmark scripts: timing a command and printing the side-by-side table.
 # shellcheck shell=bash
 
+cache=${LEDGERFLOW_CACHE:-$HOME/.cache/ledgerflow}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
+
+# build_binaries CARGO_TARGET_ARGS… → builds them for PROFILE (release by default; `dev` for the
+# dev build) unless NO_BUILD is set, and sets $bindir (where they are) and $lf (the CLI).
+build_binaries() {
+  local profile=${PROFILE:-release}
+  bindir=$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile")
+  if [ -z "${NO_BUILD:-}" ]; then
+    cargo build --profile "$profile" -p ledgerflow "$@" >&2
+  fi
+  lf=$bindir/ledgerflow
+}
+
+# contributions COUNT CONTENT_BYTES → the path of a generated file of that size (made once, seed 7)
+contributions() {
+  local data=benchmarks/out/contributions-$1-$2.jsonl
+  mkdir -p benchmarks/out
+  if ! [ -s "$data" ]; then
+    "$lf" gen contributions --count "$1" --content-bytes "$2" --seed 7 --out "$data" >&2
+  fi
+  echo "$data"
+}
+
 # measure NAME COMMAND… → prints "NAME wall_s cpu_s maxrss_kb"; output in $out/NAME.{stdout,stderr}
 measure() {
   local name=$1; shift

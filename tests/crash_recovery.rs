@@ -24,27 +24,8 @@ fn kill_9_five_times_loses_and_duplicates_nothing() {
     gen(&data, total as u64, 23, 0.0, 200);
     let topic = "crash".to_string();
     let group = "g-crash".to_string();
-    let mut broker = ledgerflow()
-        .args(["broker", "--port", "0", "--topic", "crash:32"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(broker.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let brokers = first.trim().strip_prefix("bootstrap=").unwrap().to_string();
-    run_ok(ledgerflow().args([
-        "produce",
-        "--brokers",
-        &brokers,
-        "--topic",
-        &topic,
-        "--file",
-        data.to_str().unwrap(),
-    ]));
+    let (mut broker, brokers) = spawn_broker("crash:32");
+    produce(&brokers, &topic, &data);
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x1ed6e5);
     let mut kills = 0;

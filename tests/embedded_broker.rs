@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-
 use common::*;
 
 #[test]
@@ -16,30 +13,8 @@ fn broker_gen_produce_run_sql() {
     let store = dir.path().join("data");
     gen(&data, 3000, 7, 0.0, 800);
 
-    let mut broker = ledgerflow()
-        .args(["broker", "--port", "0", "--topic", "contributions.legal:4"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(broker.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let bootstrap = first
-        .trim()
-        .strip_prefix("bootstrap=")
-        .expect("first line names the bootstrap")
-        .to_string();
-
-    let out = run_ok(ledgerflow().args([
-        "produce",
-        "--brokers",
-        &bootstrap,
-        "--topic",
-        "contributions.legal",
-        "--file",
-        data.to_str().unwrap(),
-    ]));
+    let (mut broker, bootstrap) = spawn_broker("contributions.legal:4");
+    let out = produce(&bootstrap, "contributions.legal", &data);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "produced 3000 records to contributions.legal"
@@ -169,25 +144,8 @@ fn memory_budget_checkpoints_the_largest_partitions() {
     let data = dir.path().join("c.jsonl");
     let store = dir.path().join("data");
     gen(&data, 4000, 21, 0.0, 800);
-    let mut broker = ledgerflow()
-        .args(["broker", "--port", "0", "--topic", "contributions.legal:8"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(broker.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let bootstrap = first.trim().strip_prefix("bootstrap=").unwrap().to_string();
-    run_ok(ledgerflow().args([
-        "produce",
-        "--brokers",
-        &bootstrap,
-        "--topic",
-        "contributions.legal",
-        "--file",
-        data.to_str().unwrap(),
-    ]));
+    let (mut broker, bootstrap) = spawn_broker("contributions.legal:8");
+    produce(&bootstrap, "contributions.legal", &data);
     let out = run_ok(
         ledgerflow()
             .args([

@@ -8,18 +8,11 @@ use bytes::Bytes;
 use common::*;
 use ledgerflow_store::{Store, StoreError};
 
-fn bucket_name(tag: &str) -> String {
-    // Bucket names: lowercase, digits and dashes.
-    unique_topic(tag).replace('.', "-")
-}
-
 #[test]
 fn object_operations_and_create_if_absent_on_s3() {
-    let Some(endpoint) = s3_endpoint() else {
+    let Some((endpoint, bucket)) = fresh_bucket("lf-ops") else {
         return;
     };
-    let bucket = bucket_name("lf-ops");
-    create_bucket(&endpoint, &bucket);
     for (k, v) in s3_env(&endpoint) {
         std::env::set_var(k, v);
     }
@@ -59,11 +52,9 @@ fn object_operations_and_create_if_absent_on_s3() {
 
 #[test]
 fn ingest_job_writes_its_datanet_to_s3() {
-    let Some(endpoint) = s3_endpoint() else {
+    let Some((endpoint, bucket)) = fresh_bucket("lf-ingest") else {
         return;
     };
-    let bucket = bucket_name("lf-ingest");
-    create_bucket(&endpoint, &bucket);
     let url = format!("s3://{bucket}/prod");
     let env = s3_env(&endpoint);
 
@@ -72,22 +63,7 @@ fn ingest_job_writes_its_datanet_to_s3() {
     qs.envs(env.iter().map(|(k, v)| (*k, v)));
     run_ok(&mut qs);
 
-    let sql_at = |q: &str| -> Vec<serde_json::Value> {
-        let mut c = ledgerflow();
-        c.args(["sql", "--store", &url, "--format", "json", q]);
-        c.envs(env.iter().map(|(k, v)| (*k, v)));
-        serde_json::from_slice(&run_ok(&mut c).stdout).unwrap()
-    };
-    let n = |q: &str| {
-        sql_at(q)[0]
-            .as_object()
-            .unwrap()
-            .values()
-            .next()
-            .unwrap()
-            .as_i64()
-            .unwrap()
-    };
+    let n = |q: &str| first_int(&sql_at(&url, &env, q));
     let valid = n("SELECT count(*) FROM legal");
     let rejected = n("SELECT count(*) FROM rejections");
     assert_eq!(valid + rejected, 4000);

@@ -2,33 +2,59 @@
 //! `scripts/test.sh`, and the outside Kafka client.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ledgerflow")
+/// The `ledgerflow` binary: cargo's own for the `ledgerflow` package's tests; for other crates
+/// (`ledgerflow-polars`) `LEDGERFLOW_BIN`, else the debug build in the cargo target directory.
+pub fn bin() -> PathBuf {
+    if let Some(b) = option_env!("CARGO_BIN_EXE_ledgerflow") {
+        return b.into();
+    }
+    let bin = std::env::var_os("LEDGERFLOW_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_root().join("target"))
+                .join("debug/ledgerflow")
+        });
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p ledgerflow) or set LEDGERFLOW_BIN",
+        bin.display()
+    );
+    bin
 }
 
+/// The workspace root (the directory holding `Cargo.lock`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
+        .ancestors()
+        .find(|p| p.join("Cargo.lock").exists())
+        .expect("inside the workspace")
         .to_path_buf()
 }
 
-/// The Tansu broker started by `scripts/test.sh`; `None` (skip) when run outside it, a failure
-/// when the script asked for services and none is there.
-pub fn tansu() -> Option<String> {
-    match std::env::var("LEDGERFLOW_TEST_TANSU") {
-        Ok(b) if !b.is_empty() => Some(b),
+/// A service `scripts/test.sh` starts or installs, named by `var`; `None` (skip) when run
+/// outside it, a failure when the script asked for services and this one is not there.
+fn service(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
         _ if std::env::var("LEDGERFLOW_REQUIRE_SERVICES").is_ok() => {
-            panic!("LEDGERFLOW_TEST_TANSU is not set: run the tests with scripts/test.sh")
+            panic!("{var} is not set: run the tests with scripts/test.sh")
         }
         _ => {
-            eprintln!("skipped: no Tansu broker (run scripts/test.sh to start one)");
+            eprintln!("skipped: no {what} (run scripts/test.sh to provide it)");
             None
         }
     }
+}
+
+/// The Tansu broker started by `scripts/test.sh`.
+pub fn tansu() -> Option<String> {
+    service("LEDGERFLOW_TEST_TANSU", "Tansu broker")
 }
 
 pub fn python() -> String {
@@ -94,14 +120,15 @@ pub fn gen(path: &Path, count: u64, seed: u64, malformed_rate: f64, content_byte
 
 /// Runs SQL through the CLI and returns the rows as JSON objects.
 pub fn sql(store: &Path, query: &str) -> Vec<serde_json::Value> {
-    let out = run_ok(ledgerflow().args([
-        "sql",
-        "--store",
-        store.to_str().unwrap(),
-        "--format",
-        "json",
-        query,
-    ]));
+    sql_at(store.to_str().unwrap(), &[], query)
+}
+
+/// [`sql`] against a store URL, with extra environment (e.g. [`s3_env`]).
+pub fn sql_at(store: &str, env: &[(&str, String)], query: &str) -> Vec<serde_json::Value> {
+    let mut c = ledgerflow();
+    c.args(["sql", "--store", store, "--format", "json", query]);
+    c.envs(env.iter().map(|(k, v)| (*k, v)));
+    let out = run_ok(&mut c);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "sql output is not JSON ({e}): {}",
@@ -110,11 +137,15 @@ pub fn sql(store: &Path, query: &str) -> Vec<serde_json::Value> {
     })
 }
 
-/// One integer cell.
-pub fn sql_count(store: &Path, query: &str) -> i64 {
-    let rows = sql(store, query);
+/// The first cell of the first row, as an integer.
+pub fn first_int(rows: &[serde_json::Value]) -> i64 {
     let row = rows[0].as_object().unwrap();
     row.values().next().unwrap().as_i64().unwrap()
+}
+
+/// One integer cell.
+pub fn sql_count(store: &Path, query: &str) -> i64 {
+    first_int(&sql(store, query))
 }
 
 /// `ledgerflow run jobs/ingest.yaml` against `brokers`/`topic`, writing to `store`.
@@ -129,19 +160,9 @@ pub fn ingest_command(brokers: &str, topic: &str, store: &Path, group: &str) -> 
     c
 }
 
-/// The S3-compatible server (moto) started by `scripts/test.sh`, as its endpoint URL; `None`
-/// (skip) outside it.
+/// The S3-compatible server (moto) started by `scripts/test.sh`, as its endpoint URL.
 pub fn s3_endpoint() -> Option<String> {
-    match std::env::var("LEDGERFLOW_TEST_S3") {
-        Ok(e) if !e.is_empty() => Some(e),
-        _ if std::env::var("LEDGERFLOW_REQUIRE_SERVICES").is_ok() => {
-            panic!("LEDGERFLOW_TEST_S3 is not set: run the tests with scripts/test.sh")
-        }
-        _ => {
-            eprintln!("skipped: no S3-compatible server (run scripts/test.sh to start one)");
-            None
-        }
-    }
+    service("LEDGERFLOW_TEST_S3", "S3-compatible server")
 }
 
 /// The `AWS_*` environment that points a client at `endpoint` (moto accepts any key).
@@ -154,8 +175,12 @@ pub fn s3_env(endpoint: &str) -> [(&'static str, String); 4] {
     ]
 }
 
-/// Creates `bucket` on the S3-compatible server with the outside client (boto3).
-pub fn create_bucket(endpoint: &str, bucket: &str) {
+/// A new, empty bucket on the S3-compatible server (made with the outside client, boto3):
+/// `(endpoint, bucket)`; `None` (skip) outside `scripts/test.sh`.
+pub fn fresh_bucket(tag: &str) -> Option<(String, String)> {
+    let endpoint = s3_endpoint()?;
+    // Bucket names: lowercase, digits and dashes.
+    let bucket = unique_topic(tag).replace('.', "-");
     let script = format!(
         "import boto3\n\
          s3 = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='t', \
@@ -163,19 +188,43 @@ pub fn create_bucket(endpoint: &str, bucket: &str) {
          s3.create_bucket(Bucket='{bucket}')\n"
     );
     run_ok(Command::new(python()).args(["-c", &script]));
+    Some((endpoint, bucket))
 }
 
-/// `node_modules` with the outside wallet library (ethers) installed by `scripts/test.sh`;
-/// `None` (skip) outside it.
+/// `ledgerflow broker` in its own process on a free port with `topic` (`NAME:PARTITIONS`):
+/// the process and its bootstrap address.
+pub fn spawn_broker(topic: &str) -> (Child, String) {
+    let mut broker = ledgerflow()
+        .args(["broker", "--port", "0", "--topic", topic])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(broker.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let bootstrap = first
+        .trim()
+        .strip_prefix("bootstrap=")
+        .expect("the first line names the bootstrap")
+        .to_string();
+    (broker, bootstrap)
+}
+
+/// `ledgerflow produce` of `file` to `topic`.
+pub fn produce(brokers: &str, topic: &str, file: &Path) -> Output {
+    run_ok(ledgerflow().args([
+        "produce",
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--file",
+        file.to_str().unwrap(),
+    ]))
+}
+
+/// `node_modules` with the outside wallet library (ethers) installed by `scripts/test.sh`.
 pub fn node_modules() -> Option<String> {
-    match std::env::var("LEDGERFLOW_NODE_MODULES") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ if std::env::var("LEDGERFLOW_REQUIRE_SERVICES").is_ok() => {
-            panic!("LEDGERFLOW_NODE_MODULES is not set: run the tests with scripts/test.sh")
-        }
-        _ => {
-            eprintln!("skipped: no ethers from npm (run scripts/test.sh to install it)");
-            None
-        }
-    }
+    service("LEDGERFLOW_NODE_MODULES", "ethers from npm")
 }

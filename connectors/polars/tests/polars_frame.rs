@@ -2,75 +2,20 @@
 //! row, on a local store and on S3 (moto, started by `scripts/test.sh`). The data is written by
 //! the `ledgerflow` binary's quick start, so it is built first (`scripts/test.sh` does).
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+#[path = "../../../tests/common/mod.rs"]
+mod common;
 
+use common::*;
 use ledgerflow_polars as polars_frame;
 use ledgerflow_store::Store;
 use polars::prelude::*;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The engine's binary: `LEDGERFLOW_BIN`, else the debug build in the cargo target directory.
-fn ledgerflow() -> Command {
-    let bin = std::env::var_os("LEDGERFLOW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| repo_root().join("target"))
-                .join("debug/ledgerflow")
-        });
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p ledgerflow) or set LEDGERFLOW_BIN",
-        bin.display()
-    );
-    let mut c = Command::new(bin);
-    c.current_dir(repo_root()).stdin(Stdio::null());
-    c
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn python() -> String {
-    std::env::var("LEDGERFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn s3_endpoint() -> Option<String> {
-    match std::env::var("LEDGERFLOW_TEST_S3") {
-        Ok(e) if !e.is_empty() => Some(e),
-        _ if std::env::var("LEDGERFLOW_REQUIRE_SERVICES").is_ok() => {
-            panic!("LEDGERFLOW_TEST_S3 is not set: run the tests with scripts/test.sh")
-        }
-        _ => {
-            eprintln!("skipped: no S3-compatible server (run scripts/test.sh to start one)");
-            None
-        }
-    }
-}
 
 fn check(store_url: &str, env: &[(&'static str, String)]) {
     let mut qs = ledgerflow();
     qs.args(["quickstart", "--count", "3000", "--store", store_url]);
     qs.envs(env.iter().map(|(k, v)| (*k, v)));
     run_ok(&mut qs);
-    let sql_rows = |q: &str| -> Vec<serde_json::Value> {
-        let mut c = ledgerflow();
-        c.args(["sql", "--store", store_url, "--format", "json", q]);
-        c.envs(env.iter().map(|(k, v)| (*k, v)));
-        serde_json::from_slice(&run_ok(&mut c).stdout).unwrap()
-    };
+    let sql_rows = |q: &str| sql_at(store_url, env, q);
 
     for (k, v) in env {
         std::env::set_var(k, v);
@@ -152,22 +97,8 @@ fn datanet_as_lazyframe_local() {
 
 #[test]
 fn datanet_as_lazyframe_s3() {
-    let Some(endpoint) = s3_endpoint() else {
+    let Some((endpoint, bucket)) = fresh_bucket("lf-polars") else {
         return;
     };
-    let bucket = format!("lf-polars-{}", std::process::id());
-    run_ok(Command::new(python()).args([
-        "-c",
-        &format!(
-            "import boto3; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='t', \
-             aws_secret_access_key='t', region_name='us-east-1').create_bucket(Bucket='{bucket}')"
-        ),
-    ]));
-    let env = [
-        ("AWS_ENDPOINT_URL", endpoint.clone()),
-        ("AWS_ACCESS_KEY_ID", "ledgerflow-test".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "ledgerflow-test".to_string()),
-        ("AWS_REGION", "us-east-1".to_string()),
-    ];
-    check(&format!("s3://{bucket}/p"), &env);
+    check(&format!("s3://{bucket}/p"), &s3_env(&endpoint));
 }

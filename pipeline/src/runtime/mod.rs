@@ -158,6 +158,11 @@ struct Shared {
     last_event: Mutex<Instant>,
 }
 
+/// Record bytes read and not yet checkpointed, over every partition in `parts`.
+fn buffered_bytes(parts: &HashMap<i32, PartitionState>) -> u64 {
+    parts.values().map(|s| s.bytes_since_barrier).sum()
+}
+
 impl Shared {
     fn key(&self, topic: &str, partition: i32) -> PartitionKey {
         PartitionKey {
@@ -515,7 +520,7 @@ pub fn run_job(
                     if let Err(e) = shared.relieve_memory(&mut parts, ckpt.max_total_bytes / 2) {
                         break Err(e);
                     }
-                    buffered = parts.values().map(|s| s.bytes_since_barrier).sum();
+                    buffered = buffered_bytes(&parts);
                 }
                 drop(parts);
                 *shared.last_event.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -540,7 +545,7 @@ pub fn run_job(
                     break;
                 }
             }
-            buffered = parts.values().map(|s| s.bytes_since_barrier).sum();
+            buffered = buffered_bytes(&parts);
             drop(parts);
             if let Some(e) = failed {
                 break Err(e);
