@@ -3,7 +3,8 @@
 # loopback, memory storage):
 #   raw     a plain librdkafka consumer reading every record and dropping it (examples/raw_consume.rs;
 #           the "kcat -C -e > /dev/null" of the issue: Debian's kcat is too old for Tansu)
-#   ledgerflow  jobs/ingest.yaml: decode → Parquet Datanet (zstd), committed exactly once
+#   ledgerflow  jobs/ingest_raw.yaml: decode → Parquet Datanet (zstd), committed exactly once
+#   ledgerflow-clean  jobs/ingest.yaml: decode → verify → exact → near → quality → Datanet
 #   python  confluent-kafka + json + pyarrow, zstd Parquet (context only)
 #
 #   benchmarks/ingest.sh [COUNT] [CONTENT_BYTES]      defaults: 1000000 1000
@@ -36,15 +37,23 @@ for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && br
 
 rows=()
 rows+=("$(measure raw "$raw" "$b" bench "$count")")
-rm -rf "$out/store"
+rm -rf "$out/store" "$out/store-clean"
 rows+=("$(measure ledgerflow env KAFKA_BROKERS="$b" CONTRIBUTIONS_TOPIC=bench LEDGERFLOW_STORE="$out/store" LEDGERFLOW_LOG=warn \
+  "$lf" run jobs/ingest_raw.yaml --until-idle 1 --progress never)")
+rows+=("$(measure ledgerflow-clean env KAFKA_BROKERS="$b" CONTRIBUTIONS_TOPIC=bench LEDGERFLOW_STORE="$out/store-clean" LEDGERFLOW_LOG=warn \
   "$lf" run jobs/ingest.yaml --until-idle 1 --progress never)")
 rm -rf "$out/py"
 rows+=("$(measure python "$py" benchmarks/python_ingest.py --brokers "$b" --topic bench --expect "$count" --out "$out/py")")
 committed=$("$lf" sql --store "$out/store" --format csv "SELECT count(*) AS n FROM legal" | tail -1)
+clean=$("$lf" sql --store "$out/store-clean" --format csv "SELECT count(*) AS n FROM legal" | tail -1)
+state=$(stat -c %s "$out/store-clean/_state/ingest/state.redb")
 
-echo "count=$count content_bytes=$size file_bytes=$bytes committed=$committed"
+echo "count=$count content_bytes=$size file_bytes=$bytes committed=$committed committed_clean=$clean"
+printf "cleaning state: %d bytes on disk, %.0f bytes per accepted contribution\n" "$state" "$(echo "$state / $clean" | bc -l)"
 echo
 table "$count" "$bytes" "${rows[@]}"
 read -r _ raw_wall _ <<<"${rows[0]}"
+read -r _ plain_wall _ <<<"${rows[1]}"
+read -r _ clean_wall _ <<<"${rows[2]}"
 active_line "$count" "$raw_wall" "$out/ledgerflow.stderr"
+printf "cleaning pipeline vs plain ingest (wall): %.2f\n" "$(echo "$plain_wall / $clean_wall" | bc -l)"

@@ -1,5 +1,6 @@
-//! Scale-out: two `ledgerflow run` processes of one job in one consumer group split the
-//! partitions and together write every contribution exactly once.
+//! Scale-out: two `ledgerflow run` processes of one job (`jobs/ingest_raw.yaml`, which keeps no
+//! state across partitions) in one consumer group split the partitions and together write every
+//! contribution exactly once. The cleaning job refuses a second process (its state is one per job).
 
 mod common;
 
@@ -28,7 +29,7 @@ fn two_processes_split_partitions_exactly_once() {
     ]);
 
     let spawn = |worker: &str| {
-        ingest_command(&brokers, &topic, &store, &group)
+        job_command("jobs/ingest_raw.yaml", &brokers, &topic, &store, &group)
             .args(["--until-idle", "8", "--worker", worker])
             .env("CHECKPOINT_INTERVAL_SECONDS", "0.5")
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")

@@ -34,7 +34,9 @@ fn broker_gen_produce_run_sql() {
             ])
             .env("KAFKA_BROKERS", &bootstrap)
             .env("CONTRIBUTIONS_TOPIC", "contributions.legal")
-            .env("LEDGERFLOW_STORE", &store),
+            .env("LEDGERFLOW_STORE", &store)
+            .env("MIN_WORDS", "5")
+            .env("MIN_SENTENCES", "1"),
     );
     broker.kill().unwrap();
     broker.wait().unwrap();
@@ -159,6 +161,8 @@ fn memory_budget_checkpoints_the_largest_partitions() {
             .env("KAFKA_BROKERS", &bootstrap)
             .env("CONTRIBUTIONS_TOPIC", "contributions.legal")
             .env("LEDGERFLOW_STORE", &store)
+            .env("MIN_WORDS", "5")
+            .env("MIN_SENTENCES", "1")
             .env("CHECKPOINT_INTERVAL_SECONDS", "600")
             .env("CHECKPOINT_MAX_TOTAL_BYTES", "1000000"),
     );

@@ -21,7 +21,9 @@ use ledgerflow_schemas::tables::{contribution_schema, kafka_record_schema, missi
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::operator::{Collector, Operator, OperatorContext, OperatorError, StageFactory};
+use crate::operator::{
+    Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
+};
 use crate::rejection::Rejection;
 
 /// Configuration of a `decode_contributions` stage.
@@ -66,10 +68,10 @@ impl StageFactory for DecodeConfig {
         }
     }
 
-    fn instantiate(&self) -> Box<dyn Operator> {
-        Box::new(DecodeContributions {
+    fn instantiate(&self, _: &str, _: &StageEnv) -> Result<Box<dyn Operator>, OperatorError> {
+        Ok(Box::new(DecodeContributions {
             config: self.clone(),
-        })
+        }))
     }
 }
 

@@ -11,12 +11,19 @@
 //! `ledgerflow validate` rather than a running job.
 
 pub mod decode;
+pub mod dedup;
 pub mod metrics;
+pub mod minhash;
 pub mod operator;
+pub mod quality;
 pub mod rejection;
+pub mod rows;
 pub mod signature;
+pub mod state;
+pub mod verify;
 
 pub use operator::{
-    Barrier, Collector, Message, Operator, OperatorContext, OperatorError, Signal, StageFactory,
+    Barrier, Collector, Message, Operator, OperatorContext, OperatorError, Signal, StageEnv,
+    StageFactory,
 };
 pub use rejection::{Rejection, RejectionBatchBuilder};

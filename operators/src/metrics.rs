@@ -17,6 +17,9 @@ pub const CHECKPOINTS: &str = "ledgerflow_checkpoints_total";
 pub const CHECKPOINT_SECONDS: &str = "ledgerflow_checkpoint_duration_seconds_total";
 pub const CHECKPOINT_LAST_SECONDS: &str = "ledgerflow_checkpoint_last_duration_seconds";
 pub const COMMITTED_ROWS: &str = "ledgerflow_committed_rows_total";
+pub const PII_MASKED: &str = "ledgerflow_pii_masked_total";
+pub const PENALTY_POINTS: &str = "ledgerflow_penalty_points_total";
+pub const STATE_BYTES: &str = "ledgerflow_state_bytes";
 
 const HELP: &[(&str, &str, &str)] = &[
     (ROWS_IN, "counter", "Rows received by an operator."),
@@ -52,6 +55,21 @@ const HELP: &[(&str, &str, &str)] = &[
         COMMITTED_ROWS,
         "counter",
         "Rows committed into stored tables.",
+    ),
+    (
+        PII_MASKED,
+        "counter",
+        "E-mail addresses, phone numbers and IP addresses masked, by kind.",
+    ),
+    (
+        PENALTY_POINTS,
+        "counter",
+        "Penalty points charged to contributors, by reason.",
+    ),
+    (
+        STATE_BYTES,
+        "gauge",
+        "Bytes of the job's state store on disk.",
     ),
 ];
 

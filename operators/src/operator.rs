@@ -19,10 +19,14 @@
 //!    not `tokio::spawn`, block on I/O, or keep threads of their own.
 //! 6. **Nothing is lost.** Every input row is either emitted downstream or rejected.
 
+use std::sync::Arc;
+
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
+use ledgerflow_schemas::contribution::SigningDomain;
 
 use crate::rejection::Rejection;
+use crate::state::StateDb;
 
 /// A checkpoint barrier: everything before it is part of checkpoint `checkpoint`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +95,7 @@ pub struct OperatorContext {
     /// The Kafka partition this instance serves.
     pub partition: i32,
     rejections: Vec<Rejection>,
+    counts: Vec<(&'static str, &'static str, u64)>,
 }
 
 impl OperatorContext {
@@ -99,6 +104,7 @@ impl OperatorContext {
             stage: stage.into(),
             partition,
             rejections: Vec::new(),
+            counts: Vec::new(),
         }
     }
 
@@ -108,6 +114,16 @@ impl OperatorContext {
             rejection.stage = self.stage.clone();
         }
         self.rejections.push(rejection);
+    }
+
+    /// Adds `n` to the counter metric `name` with label `kind=kind` (and this stage).
+    pub fn count(&mut self, name: &'static str, kind: &'static str, n: u64) {
+        self.counts.push((name, kind, n));
+    }
+
+    /// Takes the counts gathered since the last call.
+    pub fn take_counts(&mut self) -> Vec<(&'static str, &'static str, u64)> {
+        std::mem::take(&mut self.counts)
     }
 
     /// Takes the rejections gathered since the last call.
@@ -192,10 +208,36 @@ pub trait Operator: Send {
     }
 }
 
+/// What the runtime gives a stage when it makes instances: job-wide settings and shared state.
+#[derive(Debug, Clone, Default)]
+pub struct StageEnv {
+    /// The job's name.
+    pub job: String,
+    /// The EIP-712 domain contributions are signed in (the job's `signing:` section).
+    pub signing: SigningDomain,
+    /// The job's durable state store, opened when any stage is [`StageFactory::stateful`].
+    pub state: Option<Arc<StateDb>>,
+}
+
+impl StageEnv {
+    /// The state store, or an error naming `stage` when the runtime opened none.
+    pub fn state(&self, stage: &str) -> Result<&Arc<StateDb>, OperatorError> {
+        self.state.as_ref().ok_or_else(|| OperatorError::External {
+            stage: stage.to_string(),
+            detail: "this stage keeps state but the job has no state store".into(),
+        })
+    }
+}
+
 /// The plan-time side of a stage: checks its inputs' schemas and makes one instance per partition.
 pub trait StageFactory: Send + Sync {
     /// The schema of what the stage emits, given its inputs' schemas; `Err` explains a mismatch.
     fn output_schema(&self, inputs: &[SchemaRef]) -> Result<SchemaRef, String>;
-    /// A fresh instance for one partition's pipeline.
-    fn instantiate(&self) -> Box<dyn Operator>;
+    /// A fresh instance for one partition's pipeline. Instances of a stateful stage share one
+    /// state, made at the first call with a given `env.state`.
+    fn instantiate(&self, stage: &str, env: &StageEnv) -> Result<Box<dyn Operator>, OperatorError>;
+    /// Whether the stage keeps durable state shared across partitions (in `env.state`).
+    fn stateful(&self) -> bool {
+        false
+    }
 }

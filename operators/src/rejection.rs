@@ -29,6 +29,10 @@ pub struct Rejection {
     /// The original Kafka key and value, for the dead-letter topic.
     pub key: Option<Bytes>,
     pub raw: Option<Bytes>,
+    /// Contributors to penalise for this refusal, under the job's penalty policy. Only stages
+    /// that have verified the signature name anyone: an unauthenticated `contributor` field
+    /// could name a victim.
+    pub penalise: Vec<String>,
 }
 
 /// Builds `rejections` rows.

@@ -15,6 +15,7 @@ use ledgerflow_schemas::contribution::{Contribution, SigningDomain};
 use ledgerflow_schemas::hex0x;
 
 use crate::wallet::TestWallet;
+use ledgerflow_operators::quality::{check_text, QualityConfig};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -447,6 +448,13 @@ pub fn write_contributions(opts: &GenOptions, out: &mut dyn Write) -> std::io::R
         .collect();
     let mut nonces = vec![0u64; wallets.len()];
     let separator_domain = opts.domain;
+    // Texts pass the quality rules (with minimums low enough for short texts): a generated
+    // contribution is refused only when it is planted as malformed.
+    let quality = QualityConfig {
+        min_words: 5,
+        min_sentences: 1,
+        ..Default::default()
+    };
     let mut valid = 0u64;
     // Lines are made in chunks: text and choices serially (deterministic), signatures in parallel.
     const CHUNK: u64 = 4096;
@@ -458,7 +466,12 @@ pub fn write_contributions(opts: &GenOptions, out: &mut dyn Write) -> std::io::R
         for j in 0..n {
             let w = rng.gen_range(0..wallets.len());
             nonces[w] += 1;
-            let text = content(&mut rng, &opts.datanet, opts.content_bytes);
+            let text = loop {
+                let t = content(&mut rng, &opts.datanet, opts.content_bytes);
+                if check_text(&t, &quality, &[whatlang::Lang::Eng]).is_none() {
+                    break t;
+                }
+            };
             let bad = opts.malformed_rate > 0.0 && rng.gen_bool(opts.malformed_rate.min(1.0));
             let tag =
                 ["contract", "ruling", "note", "memo", "summary", "opinion"][rng.gen_range(0..6)];

@@ -9,6 +9,7 @@ pub mod gen;
 pub mod job_schema;
 pub mod naming;
 pub mod plan;
+pub mod planted;
 #[cfg(feature = "polars")]
 pub use ledgerflow_polars as polars_frame;
 pub mod registry;

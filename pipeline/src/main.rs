@@ -146,6 +146,13 @@ enum GenCommand {
         /// Output file (default: stdout).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Share of lines that are planted cases for the cleaning stages (duplicates, near
+        /// duplicates, bad signatures, replays, floods, junk); needs `--manifest`.
+        #[arg(long, requires = "manifest")]
+        planted: Option<f64>,
+        /// Where to write the decision each planted line must get (tab-separated).
+        #[arg(long, requires = "planted")]
+        manifest: Option<PathBuf>,
     },
 }
 
@@ -260,6 +267,8 @@ fn real_main(command: Command) -> Result<i32> {
                     content_bytes,
                     malformed_rate,
                     out,
+                    planted,
+                    manifest,
                 },
         } => {
             let opts = GenOptions {
@@ -272,6 +281,27 @@ fn real_main(command: Command) -> Result<i32> {
                 ..Default::default()
             };
             let started = Instant::now();
+            if let (Some(rate), Some(manifest)) = (planted, &manifest) {
+                let out = out.as_ref().context("--planted needs --out FILE")?;
+                let mut w = BufWriter::with_capacity(
+                    1 << 20,
+                    std::fs::File::create(out)
+                        .with_context(|| format!("creating {}", out.display()))?,
+                );
+                let mut m = BufWriter::new(
+                    std::fs::File::create(manifest)
+                        .with_context(|| format!("creating {}", manifest.display()))?,
+                );
+                let n = ledgerflow::planted::write_planted(&opts, rate, &mut w, &mut m)?;
+                w.flush()?;
+                m.flush()?;
+                eprintln!(
+                    "generated {count} contributions, {n} of them planted cases, in {:.1}s; expectations in {}",
+                    started.elapsed().as_secs_f64(),
+                    manifest.display()
+                );
+                return Ok(0);
+            }
             let valid = match &out {
                 Some(path) => {
                     let f = std::fs::File::create(path)

@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use ledgerflow_kafka::KafkaSourceConfig;
 use ledgerflow_operators::decode::DecodeConfig;
+use ledgerflow_operators::dedup::{ExactConfig, ExactStage, NearConfig, NearStage};
+use ledgerflow_operators::quality::QualityConfig;
+use ledgerflow_operators::verify::{VerifyConfig, VerifyStage};
 use ledgerflow_operators::StageFactory;
 use ledgerflow_store::TableSinkConfig;
 use serde_json::Value;
@@ -69,6 +72,46 @@ static REGISTRY: &[Entry] = &[
         doc: "Decodes signed contribution messages into Datanet rows; refuses malformed ones with a reason.",
         schema: || schemars::schema_for!(DecodeConfig),
         build: |v| Ok(Built::Stage(Arc::new(parse::<DecodeConfig>(v)?))),
+    },
+    Entry {
+        name: "verify_signatures",
+        role: Role::Stage,
+        doc: "Verifies each contribution's EIP-712 signature, validity window, nonce (replays) and rate limit.",
+        schema: || schemars::schema_for!(VerifyConfig),
+        build: |v| {
+            let c: VerifyConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Stage(Arc::new(VerifyStage::new(c))))
+        },
+    },
+    Entry {
+        name: "dedup_exact",
+        role: Role::Stage,
+        doc: "Refuses contributions whose normalised text a Datanet already holds (and floods of them).",
+        schema: || schemars::schema_for!(ExactConfig),
+        build: |v| Ok(Built::Stage(Arc::new(ExactStage::new(parse::<ExactConfig>(v)?)))),
+    },
+    Entry {
+        name: "dedup_near",
+        role: Role::Stage,
+        doc: "Refuses near duplicates of accepted contributions: MinHash LSH on word n-grams (and floods of them).",
+        schema: || schemars::schema_for!(NearConfig),
+        build: |v| {
+            let c: NearConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Stage(Arc::new(NearStage::new(c))))
+        },
+    },
+    Entry {
+        name: "quality_filter",
+        role: Role::Stage,
+        doc: "Gopher, FineWeb and C4 quality rules, language allow-list and size limits; masks PII.",
+        schema: || schemars::schema_for!(QualityConfig),
+        build: |v| {
+            let c: QualityConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Stage(Arc::new(c)))
+        },
     },
     Entry {
         name: "datanet",

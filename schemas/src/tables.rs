@@ -86,6 +86,29 @@ pub fn rejection_schema() -> SchemaRef {
     REJECTION.clone()
 }
 
+/// Name of the engine's penalties table.
+pub const PENALTIES_TABLE: &str = "penalties";
+
+static PENALTY: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("epoch", DataType::UInt64, false),
+        Field::new("contributor", DataType::Utf8, false),
+        Field::new("datanet", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("points", DataType::UInt32, false),
+        Field::new("evidence", DataType::Utf8, true),
+    ];
+    fields.extend(kafka_position());
+    fields.push(kafka_timestamp());
+    Arc::new(Schema::new(fields))
+});
+
+/// A row of the `penalties` table: points charged to a contributor in a reward epoch, for a
+/// refusal (`reason`) of the contribution whose content hash is `evidence`.
+pub fn penalty_schema() -> SchemaRef {
+    PENALTY.clone()
+}
+
 /// Names of the columns of `required` missing from `actual` or of another type, for plan-time checks.
 pub fn missing_columns(required: &Schema, actual: &Schema) -> Vec<String> {
     required

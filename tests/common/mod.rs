@@ -149,9 +149,17 @@ pub fn sql_count(store: &Path, query: &str) -> i64 {
 }
 
 /// `ledgerflow run jobs/ingest.yaml` against `brokers`/`topic`, writing to `store`.
+/// The engine tests send short generated texts, so quality minimums are set for short form.
 pub fn ingest_command(brokers: &str, topic: &str, store: &Path, group: &str) -> Command {
+    let mut c = job_command("jobs/ingest.yaml", brokers, topic, store, group);
+    c.env("MIN_WORDS", "5").env("MIN_SENTENCES", "1");
+    c
+}
+
+/// `ledgerflow run JOB` (one of the ingest jobs) against `brokers`/`topic`, writing to `store`.
+pub fn job_command(job: &str, brokers: &str, topic: &str, store: &Path, group: &str) -> Command {
     let mut c = ledgerflow();
-    c.args(["run", "jobs/ingest.yaml", "--progress", "never"])
+    c.args(["run", job, "--progress", "never"])
         .env("KAFKA_BROKERS", brokers)
         .env("CONTRIBUTIONS_TOPIC", topic)
         .env("LEDGERFLOW_STORE", store)

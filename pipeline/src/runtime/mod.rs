@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use ledgerflow_kafka::{DeadLetterProducer, PartitionHandler, RecordBatcher, SourceConsumer};
 use ledgerflow_operators::metrics::{self, Registry};
-use ledgerflow_operators::{Barrier, Message, Signal};
+use ledgerflow_operators::state::StateDb;
+use ledgerflow_operators::{Barrier, Message, Signal, StageEnv};
 use ledgerflow_store::{CommitLog, PartitionKey, Store};
 use rdkafka::Message as _;
 
@@ -150,6 +151,7 @@ struct Shared {
     io: tokio::runtime::Handle,
     dead_letter: Option<DeadLetterProducer>,
     metrics: Registry,
+    env: StageEnv,
     committed_tx: Mutex<std::sync::mpsc::Sender<Committed>>,
     partitions: Mutex<HashMap<i32, PartitionState>>,
     joined: AtomicBool,
@@ -201,6 +203,7 @@ impl Shared {
             self.dead_letter.clone(),
             self.metrics.clone(),
             committed_tx,
+            &self.env,
         ))?;
         let (tx, rx) = row_channel(self.channel_rows, self.in_flight.clone());
         let task = self.cpu.spawn(pipeline.run(rx));
@@ -369,6 +372,74 @@ impl PartitionHandler for Handler {
     }
 }
 
+/// Job-wide settings for stage instances; opens the state store when a stage keeps state.
+fn stage_env(spec: &JobSpec, store: &Store) -> Result<StageEnv, RunError> {
+    let signing = spec.header.signing.domain().map_err(RunError::Setup)?;
+    let stateful = spec
+        .nodes
+        .iter()
+        .any(|n| matches!(&n.built, Built::Stage(f) if f.stateful()));
+    let state = if stateful {
+        let dir = state_dir(spec, store)?;
+        let db = StateDb::open(&dir, spec.header.state.cache_bytes as usize)
+            .map_err(|e| RunError::Setup(e.to_string()))?;
+        db.set_max_pending_bytes(spec.header.state.max_pending_bytes as usize);
+        tracing::info!(path = %db.path().display(), "state store open");
+        Some(db)
+    } else {
+        None
+    };
+    Ok(StageEnv {
+        job: spec.header.name.clone(),
+        signing,
+        state,
+    })
+}
+
+/// Where a job's state store lives: `state.dir`; else `<store>/_state/<job>` for a local store,
+/// and for an object store a local cache directory named after the store's URL
+/// (`$LEDGERFLOW_STATE_ROOT`, else `$XDG_CACHE_HOME/ledgerflow/state`, else
+/// `~/.cache/ledgerflow/state`).
+pub fn state_dir(spec: &JobSpec, store: &Store) -> Result<std::path::PathBuf, RunError> {
+    if let Some(d) = spec.header.state.dir.as_deref().filter(|d| !d.is_empty()) {
+        return Ok(std::path::PathBuf::from(d));
+    }
+    let url = store.url();
+    if url.scheme() == "file" {
+        if let Ok(root) = url.to_file_path() {
+            return Ok(root.join("_state").join(&spec.header.name));
+        }
+    }
+    let root = std::env::var_os("LEDGERFLOW_STATE_ROOT")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|c| std::path::PathBuf::from(c).join("ledgerflow/state"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/ledgerflow/state"))
+        })
+        .ok_or_else(|| {
+            RunError::Setup(format!(
+                "job `{}` has stateful stages and its store {url} is not local: set `state.dir`",
+                spec.header.name
+            ))
+        })?;
+    let name: String = url
+        .as_str()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok(root.join(name).join(&spec.header.name))
+}
+
 /// Runs `spec` until Ctrl-C / SIGTERM, until idle, or until a failure.
 pub fn run_job(
     spec: JobSpec,
@@ -419,6 +490,7 @@ pub fn run_job(
     }
     let (committed_tx, committed_rx) = std::sync::mpsc::channel::<Committed>();
     let ckpt = spec.header.checkpoint.clone();
+    let env = stage_env(&spec, &opts.store)?;
     let shared = Arc::new(Shared {
         spec: Arc::new(spec),
         plan: Arc::new(plan),
@@ -431,6 +503,7 @@ pub fn run_job(
         io: io.clone(),
         dead_letter,
         metrics: metrics.clone(),
+        env,
         committed_tx: Mutex::new(committed_tx),
         partitions: Mutex::new(HashMap::new()),
         joined: AtomicBool::new(false),

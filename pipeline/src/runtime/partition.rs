@@ -9,11 +9,14 @@ use arrow_array::RecordBatch;
 use bytes::Bytes;
 use ledgerflow_kafka::DeadLetterProducer;
 use ledgerflow_operators::metrics::{self, micros, Registry, Value};
+use ledgerflow_operators::StageEnv;
 use ledgerflow_operators::{
     Barrier, Collector, Message, Operator, OperatorContext, Rejection, RejectionBatchBuilder,
     Signal,
 };
-use ledgerflow_schemas::tables::{rejection_schema, REJECTIONS_TABLE};
+use ledgerflow_schemas::tables::{
+    penalty_schema, rejection_schema, PENALTIES_TABLE, REJECTIONS_TABLE,
+};
 use ledgerflow_store::layout::part_file_name;
 use ledgerflow_store::{
     CommitLog, CommitRecord, CommittedFile, PartitionKey, Store, TableRef, TableSink,
@@ -24,7 +27,61 @@ use super::channel::RowReceiver;
 use super::RunError;
 use crate::plan::Plan;
 use crate::registry::Built;
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, PenaltyPolicy};
+
+/// Builds `penalties` rows.
+#[derive(Default)]
+struct PenaltyBatchBuilder {
+    epoch: arrow_array::builder::UInt64Builder,
+    contributor: arrow_array::builder::StringBuilder,
+    datanet: arrow_array::builder::StringBuilder,
+    reason: arrow_array::builder::StringBuilder,
+    points: arrow_array::builder::UInt32Builder,
+    evidence: arrow_array::builder::StringBuilder,
+    topic: arrow_array::builder::StringBuilder,
+    partition: arrow_array::builder::Int32Builder,
+    offset: arrow_array::builder::Int64Builder,
+    timestamp: Vec<i64>,
+}
+
+impl PenaltyBatchBuilder {
+    fn push(&mut self, r: &Rejection, who: &str, points: u32, epoch_seconds: u64) {
+        let secs = r.kafka_timestamp_ms.max(0) as u64 / 1000;
+        self.epoch.append_value(secs / epoch_seconds.max(1));
+        self.contributor.append_value(who);
+        self.datanet.append_option(r.datanet.as_deref());
+        self.reason.append_value(&r.reason);
+        self.points.append_value(points);
+        self.evidence.append_option(r.content_hash.as_deref());
+        self.topic.append_value(&r.kafka_topic);
+        self.partition.append_value(r.kafka_partition);
+        self.offset.append_value(r.kafka_offset);
+        self.timestamp.push(r.kafka_timestamp_ms);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.timestamp.is_empty()
+    }
+
+    fn finish(&mut self) -> RecordBatch {
+        let ts = arrow_array::TimestampMillisecondArray::from(std::mem::take(&mut self.timestamp))
+            .with_timezone("UTC");
+        let columns: Vec<arrow_array::ArrayRef> = vec![
+            Arc::new(self.epoch.finish()),
+            Arc::new(self.contributor.finish()),
+            Arc::new(self.datanet.finish()),
+            Arc::new(self.reason.finish()),
+            Arc::new(self.points.finish()),
+            Arc::new(self.evidence.finish()),
+            Arc::new(self.topic.finish()),
+            Arc::new(self.partition.finish()),
+            Arc::new(self.offset.finish()),
+            Arc::new(ts),
+        ];
+        RecordBatch::try_new(penalty_schema(), columns)
+            .expect("penalty columns follow penalty_schema by construction")
+    }
+}
 
 enum Node {
     Source,
@@ -60,6 +117,8 @@ pub struct PartitionPipeline {
     source: usize,
     rejections: TableSink,
     rejections_builder: RejectionBatchBuilder,
+    penalties: TableSink,
+    policy: PenaltyPolicy,
     dead_letter: Option<DeadLetterProducer>,
     pending_dead_letters: Vec<DeliveryFuture>,
     seq: u64,
@@ -82,6 +141,7 @@ impl PartitionPipeline {
         dead_letter: Option<DeadLetterProducer>,
         metrics: Registry,
         committed_tx: std::sync::mpsc::Sender<Committed>,
+        env: &StageEnv,
     ) -> Result<Self, RunError> {
         let mut nodes = Vec::with_capacity(spec.nodes.len());
         let mut names = Vec::with_capacity(spec.nodes.len());
@@ -102,7 +162,7 @@ impl PartitionPipeline {
                 }
                 Built::Stage(f) => {
                     let ctx = OperatorContext::new(n.name.clone(), key.partition);
-                    let mut op = f.instantiate();
+                    let mut op = f.instantiate(&n.name, env)?;
                     if let Some(path) = last.and_then(|r| r.state.get(&n.name)) {
                         let bytes = store.get(path).await?.ok_or_else(|| {
                             RunError::Corrupt(format!("state snapshot {path} is missing"))
@@ -137,6 +197,13 @@ impl PartitionPipeline {
                 64 * 1024,
             ),
             rejections_builder: RejectionBatchBuilder::default(),
+            penalties: TableSink::new(
+                TableRef::engine(PENALTIES_TABLE),
+                penalty_schema(),
+                3,
+                64 * 1024,
+            ),
+            policy: spec.header.penalties.clone(),
             dead_letter,
             pending_dead_letters: Vec::new(),
             seq: last.map_or(0, |r| r.seq),
@@ -193,6 +260,11 @@ impl PartitionPipeline {
                     let mut out = Collector::default();
                     op.process_batch(batch, ctx, &mut out)?;
                     let rejected = ctx.take_rejections();
+                    for (name, kind, n) in ctx.take_counts() {
+                        self.metrics
+                            .series(name, &[("stage", &ctx.stage), ("kind", kind)])
+                            .add(n);
+                    }
                     for b in out.take() {
                         m.rows_out.add(b.num_rows() as u64);
                         for &d in &self.downstream[i] {
@@ -251,6 +323,22 @@ impl PartitionPipeline {
         self.rows_rejected += rejected.len() as u64;
         let batch = self.rejections_builder.finish();
         self.rejections.write(&batch)?;
+        let mut penalties = PenaltyBatchBuilder::default();
+        for r in &rejected {
+            let points = self.policy.points_for(&r.reason);
+            if points == 0 {
+                continue;
+            }
+            for who in &r.penalise {
+                penalties.push(r, who, points, self.policy.epoch_seconds);
+                self.metrics
+                    .series(metrics::PENALTY_POINTS, &[("reason", &r.reason)])
+                    .add(u64::from(points));
+            }
+        }
+        if !penalties.is_empty() {
+            self.penalties.write(&penalties.finish())?;
+        }
         Ok(())
     }
 
@@ -296,6 +384,7 @@ impl PartitionPipeline {
             }
         }
         files.extend(self.rejections.finish(&name)?);
+        files.extend(self.penalties.finish(&name)?);
 
         let staging = format!("{}/{:020}", self.key.staging_dir(), b.next_offset);
         let mut committed = Vec::with_capacity(files.len());

@@ -174,6 +174,146 @@ pub struct JobHeader {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub signing: SigningConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub penalties: PenaltyPolicy,
+}
+
+/// The EIP-712 domain contributions are signed in: name `ledgerflow`, version `1`, and these.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// `chainId` of the domain (31337, anvil's, by default).
+    #[serde(default = "default_chain_id")]
+    pub chain_id: u64,
+    /// `verifyingContract` of the domain, 0x-hex (the zero address by default).
+    #[serde(default = "default_verifying_contract")]
+    pub verifying_contract: String,
+}
+
+fn default_chain_id() -> u64 {
+    31337
+}
+fn default_verifying_contract() -> String {
+    format!("0x{}", "0".repeat(40))
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        Self {
+            chain_id: default_chain_id(),
+            verifying_contract: default_verifying_contract(),
+        }
+    }
+}
+
+impl SigningConfig {
+    pub fn domain(&self) -> Result<ledgerflow_schemas::contribution::SigningDomain, String> {
+        let verifying_contract = ledgerflow_operators::signature::parse_address(
+            &self.verifying_contract,
+        )
+        .map_err(|_| {
+            format!(
+                "verifying_contract {:?} is not a 0x-prefixed 20-byte address",
+                self.verifying_contract
+            )
+        })?;
+        Ok(ledgerflow_schemas::contribution::SigningDomain {
+            chain_id: self.chain_id,
+            verifying_contract,
+        })
+    }
+}
+
+/// Where stateful stages (`verify_signatures`, `dedup_exact`, `dedup_near`) keep their state.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Local directory of the state store; by default `<store>/_state/<job>` when the store is
+    /// a local directory (required with an object store).
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// Page cache of the state store: the memory the state may use besides what is pending.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// Pending changes are written to disk (not yet durably) when they pass this many bytes.
+    #[serde(default = "default_pending_bytes")]
+    pub max_pending_bytes: u64,
+}
+
+fn default_cache_bytes() -> u64 {
+    64 << 20
+}
+fn default_pending_bytes() -> u64 {
+    64 << 20
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            cache_bytes: default_cache_bytes(),
+            max_pending_bytes: default_pending_bytes(),
+        }
+    }
+}
+
+/// Penalty points per refusal reason, charged to the (verified) contributor in the reward epoch
+/// of the record's Kafka time. Reasons not listed cost nothing; `quality:*` covers every quality
+/// rule. Refusals before the signature is verified never penalise anyone.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PenaltyPolicy {
+    /// Length of a reward epoch in seconds (penalties are booked to `floor(time / epoch_seconds)`).
+    #[serde(default = "default_epoch_seconds")]
+    pub epoch_seconds: u64,
+    #[serde(default = "default_points")]
+    pub points: std::collections::BTreeMap<String, u32>,
+}
+
+fn default_epoch_seconds() -> u64 {
+    86_400
+}
+fn default_points() -> std::collections::BTreeMap<String, u32> {
+    [
+        ("duplicate_exact", 1),
+        ("duplicate_near", 1),
+        ("flood", 10),
+        ("rate_limit", 2),
+        ("quality:*", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+impl Default for PenaltyPolicy {
+    fn default() -> Self {
+        Self {
+            epoch_seconds: default_epoch_seconds(),
+            points: default_points(),
+        }
+    }
+}
+
+impl PenaltyPolicy {
+    /// Points for a refusal with `reason`.
+    pub fn points_for(&self, reason: &str) -> u32 {
+        if let Some(p) = self.points.get(reason) {
+            return *p;
+        }
+        match reason.split_once(':') {
+            Some((family, _)) => self
+                .points
+                .get(&format!("{family}:*"))
+                .copied()
+                .unwrap_or(0),
+            None => 0,
+        }
+    }
 }
 
 /// A source, stage or sink of a job.
@@ -198,6 +338,24 @@ impl JobSpec {
         self.nodes.iter().find(|n| n.name == name)
     }
 }
+
+/// Every refusal reason a stage gives (besides `quality:<rule>`).
+pub const REASONS: &[&str] = &[
+    "malformed",
+    "schema",
+    "oversized",
+    "unknown_datanet",
+    "bad_signature",
+    "signer_mismatch",
+    "expired",
+    "not_yet_valid",
+    "replay",
+    "rate_limit",
+    "duplicate_exact",
+    "duplicate_near",
+    "flood",
+    "quality:*",
+];
 
 const SECTIONS: [(&str, Role); 3] = [
     ("sources", Role::Source),
@@ -349,6 +507,44 @@ pub fn parse(
                     &format!("checkpoint.{key}"),
                     "must be at least 1".into(),
                     Some("leave the key out for its default".into()),
+                ));
+            }
+        }
+        let nested = |section: &str, key: &str| {
+            let sec = map.get_node(section);
+            sec.and_then(|c| c.as_mapping())
+                .and_then(|c| c.get_node(key))
+                .or(sec)
+                .map(Pos::of)
+                .unwrap_or_default()
+        };
+        if let Err(e) = h.signing.domain() {
+            diags.push(diag(
+                nested("signing", "verifying_contract"),
+                "signing.verifying_contract",
+                e,
+                None,
+            ));
+        }
+        if h.penalties.epoch_seconds == 0 {
+            diags.push(diag(
+                nested("penalties", "epoch_seconds"),
+                "penalties.epoch_seconds",
+                "must be at least 1".into(),
+                None,
+            ));
+        }
+        for key in h.penalties.points.keys() {
+            let known = key.strip_prefix("quality:").map_or_else(
+                || REASONS.contains(&key.as_str()),
+                |rule| rule == "*" || ledgerflow_operators::quality::RULES.contains(&rule),
+            );
+            if !known {
+                diags.push(diag(
+                    nested("penalties", "points"),
+                    "penalties.points",
+                    format!("`{key}` is not a refusal reason"),
+                    Some(did_you_mean(key, REASONS)),
                 ));
             }
         }

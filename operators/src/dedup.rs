@@ -1,0 +1,730 @@
+//! `dedup_exact` and `dedup_near`: a Datanet deduplicated against everything it ever accepted.
+//!
+//! - **Exact** (`dedup_exact`): the key is the XXH3-128 of the Datanet and the normalised text
+//!   (NFC, lowercase, whitespace collapsed; [`crate::minhash::normalize`]); the authoritative
+//!   record of every accepted key is in the job's state store, in memory until the next flush and
+//!   on disk after, so there are no false negatives and (up to a 128-bit hash collision) no false
+//!   positives. Refusal: `duplicate_exact`, `duplicate_of` = the accepted original's content hash.
+//! - **Near** (`dedup_near`): MinHash of word 5-grams, 112 hashes in 14 bands of 8 rows by
+//!   default (FineWeb's setting; all configurable). Documents sharing a band key with an accepted
+//!   one are candidates; a candidate whose estimated Jaccard is at least `threshold` (0.8) makes
+//!   the newcomer a `duplicate_near` of it (`duplicate_of`, `similarity` = the best match). The
+//!   first arrival wins. Per accepted document the store keeps 14 band entries and the signature
+//!   as 32-bit values.
+//! - **Floods** (both, when `flood` is set): a duplicate sent by a *different* contributor within
+//!   `flood.window_seconds` of the original's Kafka time is refused as `flood` (a Sybil pattern),
+//!   and the original's contributor is penalised once per cluster along with the sender.
+//!
+//! State is shared by all partitions of the job (see [`crate::state`] for how replays stay
+//! identical across crashes).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use ledgerflow_schemas::hex0x;
+use redb::{MultimapTableDefinition, ReadableDatabase, TableDefinition};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::minhash::{band_keys, estimate, exact_key, normalize, MinHasher};
+use crate::operator::{
+    Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
+};
+use crate::rows::{contribution_passthrough, keep_rows, Rows};
+use crate::state::{
+    lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb, StateError,
+};
+
+/// Cross-contributor duplicates within a window are a flood.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FloodConfig {
+    /// A copy by another contributor this soon (Kafka time) after the original is a `flood`.
+    #[serde(default = "default_flood_window")]
+    pub window_seconds: u64,
+}
+
+fn default_flood_window() -> u64 {
+    3600
+}
+
+/// Configuration of a `dedup_exact` stage.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExactConfig {
+    #[serde(default)]
+    pub flood: Option<FloodConfig>,
+}
+
+/// Configuration of a `dedup_near` stage.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NearConfig {
+    /// MinHash permutations; must equal `bands × rows`.
+    #[serde(default = "default_num_perm")]
+    pub num_perm: usize,
+    #[serde(default = "default_bands")]
+    pub bands: usize,
+    #[serde(default = "default_rows")]
+    pub rows: usize,
+    /// Words per shingle.
+    #[serde(default = "default_ngram")]
+    pub ngram: usize,
+    /// Estimated Jaccard at or above which a candidate is a duplicate.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Seed of the permutations. Changing it invalidates the stored signatures.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub flood: Option<FloodConfig>,
+}
+
+fn default_num_perm() -> usize {
+    112
+}
+fn default_bands() -> usize {
+    14
+}
+fn default_rows() -> usize {
+    8
+}
+fn default_ngram() -> usize {
+    5
+}
+fn default_threshold() -> f64 {
+    0.8
+}
+fn default_seed() -> u64 {
+    0x1ed9_e4f1_0c0f_fee5
+}
+
+impl Default for NearConfig {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults")
+    }
+}
+
+impl NearConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if self.bands == 0 || self.rows == 0 || self.bands * self.rows != self.num_perm {
+            return Err(format!(
+                "num_perm ({}) must equal bands × rows ({} × {})",
+                self.num_perm, self.bands, self.rows
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(format!("threshold {} is not in [0, 1]", self.threshold));
+        }
+        if self.ngram == 0 || self.ngram > 16 {
+            return Err(format!("ngram {} is not in 1..=16", self.ngram));
+        }
+        Ok(())
+    }
+}
+
+/// What the store keeps about an accepted original.
+#[derive(Debug, Clone, PartialEq)]
+struct Original {
+    content_hash: [u8; 32],
+    contributor: [u8; 20],
+    ts_ms: i64,
+    /// Its contributor was penalised for a flood of it already.
+    flood_penalised: bool,
+}
+
+const ORIGINAL_BYTES: usize = 61;
+
+impl Original {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.content_hash);
+        out.extend_from_slice(&self.contributor);
+        out.extend_from_slice(&self.ts_ms.to_le_bytes());
+        out.push(u8::from(self.flood_penalised));
+    }
+
+    fn decode(b: &[u8]) -> Option<Original> {
+        if b.len() < ORIGINAL_BYTES {
+            return None;
+        }
+        Some(Original {
+            content_hash: b[..32].try_into().ok()?,
+            contributor: b[32..52].try_into().ok()?,
+            ts_ms: i64::from_le_bytes(b[52..60].try_into().ok()?),
+            flood_penalised: b[60] != 0,
+        })
+    }
+
+    fn of_row(rows: &Rows<'_>, i: usize) -> Original {
+        Original {
+            content_hash: hex0x::decode_fixed::<32>(rows.content_hash.value(i))
+                .unwrap_or([0u8; 32]),
+            contributor: hex0x::decode_fixed::<20>(rows.contributor.value(i)).unwrap_or([0u8; 20]),
+            ts_ms: rows.timestamp.value(i),
+            flood_penalised: false,
+        }
+    }
+}
+
+/// The refusal of a duplicate of `orig` (flood or plain), updating `orig` when its contributor is
+/// penalised now.
+fn duplicate_decision(
+    flood: Option<&FloodConfig>,
+    plain_reason: &str,
+    rows: &Rows<'_>,
+    i: usize,
+    orig: &mut Original,
+    similarity: Option<f64>,
+) -> (Decision, bool) {
+    let me = Original::of_row(rows, i);
+    let duplicate_of = Some(hex0x::encode(&orig.content_hash));
+    let within = |f: &FloodConfig| {
+        (me.ts_ms - orig.ts_ms).unsigned_abs() <= f.window_seconds.saturating_mul(1000)
+    };
+    if let Some(f) = flood.filter(|f| me.contributor != orig.contributor && within(f)) {
+        let mut also = Vec::new();
+        let changed = !orig.flood_penalised;
+        if changed {
+            also.push(hex0x::encode(&orig.contributor));
+            orig.flood_penalised = true;
+        }
+        let decision = Decision::Reject {
+            reason: "flood".into(),
+            detail: format!(
+                "a copy of a contribution by {} sent by another contributor {} s after it (window {} s)",
+                hex0x::encode(&orig.contributor),
+                (me.ts_ms - orig.ts_ms) / 1000,
+                f.window_seconds
+            ),
+            duplicate_of,
+            similarity,
+            also_penalise: also,
+        };
+        return (decision, changed);
+    }
+    let detail = match similarity {
+        Some(s) => format!("estimated Jaccard {s:.3} with an accepted contribution"),
+        None => "same normalised text as an accepted contribution".into(),
+    };
+    (
+        Decision::Reject {
+            reason: plain_reason.into(),
+            detail,
+            duplicate_of,
+            similarity,
+            also_penalise: Vec::new(),
+        },
+        false,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact
+
+/// The `dedup_exact` factory.
+pub struct ExactStage {
+    pub config: ExactConfig,
+    shared: SharedSlot<ExactState>,
+}
+
+impl ExactStage {
+    pub fn new(config: ExactConfig) -> Self {
+        Self {
+            config,
+            shared: SharedSlot::default(),
+        }
+    }
+}
+
+pub struct ExactState {
+    db: Arc<StateDb>,
+    journal: Arc<Journal>,
+    tables: Arc<ExactTables>,
+}
+
+struct ExactTables {
+    keys: String,
+    pending: Mutex<HashMap<[u8; 16], Original>>,
+}
+
+impl ExactTables {
+    fn def(&self) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+        TableDefinition::new(&self.keys)
+    }
+}
+
+impl Flushable for ExactTables {
+    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let mut t = txn.open_table(self.def())?;
+        let mut buf = Vec::with_capacity(ORIGINAL_BYTES);
+        for (k, v) in &pending {
+            buf.clear();
+            v.encode(&mut buf);
+            t.insert(k.as_slice(), buf.as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn pending_bytes(&self) -> usize {
+        lock(&self.pending).len() * 112
+    }
+}
+
+impl StageFactory for ExactStage {
+    fn output_schema(&self, inputs: &[SchemaRef]) -> Result<SchemaRef, String> {
+        contribution_passthrough(inputs)
+    }
+
+    fn stateful(&self) -> bool {
+        true
+    }
+
+    fn instantiate(&self, stage: &str, env: &StageEnv) -> Result<Box<dyn Operator>, OperatorError> {
+        let db = env.state(stage)?;
+        let state = self
+            .shared
+            .get_or_init(db, || {
+                let tables = Arc::new(ExactTables {
+                    keys: format!("{stage}/keys"),
+                    pending: Mutex::new(HashMap::new()),
+                });
+                db.ensure_table(tables.def())?;
+                db.register(tables.clone());
+                Ok(Arc::new(ExactState {
+                    db: db.clone(),
+                    journal: Journal::open(db, stage)?,
+                    tables,
+                }))
+            })
+            .map_err(|e: StateError| op_err(stage, e))?;
+        Ok(Box::new(Exact {
+            config: self.config.clone(),
+            state,
+            replay: Replay::default(),
+        }))
+    }
+}
+
+/// One partition's `dedup_exact`.
+pub struct Exact {
+    config: ExactConfig,
+    state: Arc<ExactState>,
+    replay: Replay,
+}
+
+impl Operator for Exact {
+    fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        ctx: &mut OperatorContext,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let rows = Rows::new(&batch, &ctx.stage)?;
+        let stage = ctx.stage.clone();
+        let err = |e: &dyn std::fmt::Display| op_err(&stage, e);
+        let keys: Vec<[u8; 16]> = (0..rows.len())
+            .map(|i| exact_key(rows.datanet.value(i), &normalize(rows.content.value(i))))
+            .collect();
+        let state = self.state.clone();
+        let _deciding = state.db.deciding();
+        let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
+        let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
+        let mut keep = Vec::with_capacity(rows.len());
+        let mut pending = lock(&state.tables.pending);
+        for (i, key) in keys.iter().enumerate() {
+            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
+            let decision = match self
+                .replay
+                .take(&state.journal, &state.db, partition, offset)
+                .map_err(|e| err(&e))?
+            {
+                Some(d) => d,
+                None => {
+                    let found = match pending.get(key) {
+                        Some(o) => Some(o.clone()),
+                        None => table
+                            .get(key.as_slice())
+                            .map_err(|e| err(&e))?
+                            .and_then(|v| Original::decode(v.value())),
+                    };
+                    match found {
+                        None => {
+                            pending.insert(*key, Original::of_row(&rows, i));
+                            Decision::Accept
+                        }
+                        Some(mut orig) => {
+                            let (d, changed) = duplicate_decision(
+                                self.config.flood.as_ref(),
+                                "duplicate_exact",
+                                &rows,
+                                i,
+                                &mut orig,
+                                None,
+                            );
+                            if changed {
+                                pending.insert(*key, orig);
+                            }
+                            d
+                        }
+                    }
+                }
+            };
+            state.journal.record(partition, offset, &decision);
+            match &decision {
+                Decision::Accept => keep.push(i as u32),
+                d => ctx.reject(rows.rejection(i, d, true)),
+            }
+        }
+        drop(pending);
+        drop(_deciding);
+        state.db.relieve_memory().map_err(|e| err(&e))?;
+        out.collect(
+            keep_rows(&batch, &keep).map_err(|source| OperatorError::Arrow {
+                stage: stage.clone(),
+                source,
+            })?,
+        );
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        barrier: &Barrier,
+        ctx: &mut OperatorContext,
+        _out: &mut Collector,
+    ) -> Result<Option<Vec<u8>>, OperatorError> {
+        self.state
+            .journal
+            .committed_below(ctx.partition, barrier.first_offset);
+        self.state
+            .db
+            .flush(true)
+            .map_err(|e| op_err(&ctx.stage, e))?;
+        Ok(None)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Near
+
+/// The `dedup_near` factory.
+pub struct NearStage {
+    pub config: NearConfig,
+    shared: SharedSlot<NearState>,
+}
+
+impl NearStage {
+    pub fn new(config: NearConfig) -> Self {
+        Self {
+            config,
+            shared: SharedSlot::default(),
+        }
+    }
+}
+
+pub struct NearState {
+    db: Arc<StateDb>,
+    journal: Arc<Journal>,
+    tables: Arc<NearTables>,
+}
+
+struct NearTables {
+    buckets: String,
+    docs: String,
+    meta: String,
+    pending: Mutex<NearPending>,
+}
+
+#[derive(Default)]
+struct NearPending {
+    buckets: HashMap<u64, Vec<u64>>,
+    /// doc id → original ‖ truncated signature (u32 little-endian).
+    docs: HashMap<u64, Vec<u8>>,
+    next_id: Option<u64>,
+}
+
+impl NearTables {
+    fn buckets_def(&self) -> MultimapTableDefinition<'_, u64, u64> {
+        MultimapTableDefinition::new(&self.buckets)
+    }
+    fn docs_def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.docs)
+    }
+    fn meta_def(&self) -> TableDefinition<'_, &'static str, u64> {
+        TableDefinition::new(&self.meta)
+    }
+}
+
+impl Flushable for NearTables {
+    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let p = std::mem::take(&mut *lock(&self.pending));
+        let mut b = txn.open_multimap_table(self.buckets_def())?;
+        for (k, ids) in &p.buckets {
+            for id in ids {
+                b.insert(*k, *id)?;
+            }
+        }
+        let mut d = txn.open_table(self.docs_def())?;
+        for (id, v) in &p.docs {
+            d.insert(*id, v.as_slice())?;
+        }
+        if let Some(next) = p.next_id {
+            txn.open_table(self.meta_def())?.insert("next_id", next)?;
+            lock(&self.pending).next_id = Some(next);
+        }
+        Ok(())
+    }
+
+    fn pending_bytes(&self) -> usize {
+        let p = lock(&self.pending);
+        p.buckets.len() * 48 + p.docs.values().map(|v| v.len() + 48).sum::<usize>()
+    }
+}
+
+impl StageFactory for NearStage {
+    fn output_schema(&self, inputs: &[SchemaRef]) -> Result<SchemaRef, String> {
+        contribution_passthrough(inputs)
+    }
+
+    fn stateful(&self) -> bool {
+        true
+    }
+
+    fn instantiate(&self, stage: &str, env: &StageEnv) -> Result<Box<dyn Operator>, OperatorError> {
+        let db = env.state(stage)?;
+        let state = self
+            .shared
+            .get_or_init(db, || {
+                let tables = Arc::new(NearTables {
+                    buckets: format!("{stage}/buckets"),
+                    docs: format!("{stage}/docs"),
+                    meta: format!("{stage}/meta"),
+                    pending: Mutex::new(NearPending::default()),
+                });
+                db.ensure_multimap(tables.buckets_def())?;
+                db.ensure_table(tables.docs_def())?;
+                db.ensure_table(tables.meta_def())?;
+                db.register(tables.clone());
+                Ok(Arc::new(NearState {
+                    db: db.clone(),
+                    journal: Journal::open(db, stage)?,
+                    tables,
+                }))
+            })
+            .map_err(|e: StateError| op_err(stage, e))?;
+        let c = &self.config;
+        Ok(Box::new(Near {
+            hasher: MinHasher::new(c.num_perm, c.ngram, c.seed),
+            config: c.clone(),
+            state,
+            replay: Replay::default(),
+        }))
+    }
+}
+
+/// One partition's `dedup_near`.
+pub struct Near {
+    config: NearConfig,
+    hasher: MinHasher,
+    state: Arc<NearState>,
+    replay: Replay,
+}
+
+/// The best accepted match of a signature among its LSH candidates.
+struct Match {
+    id: u64,
+    similarity: f64,
+    record: Vec<u8>,
+}
+
+impl Near {
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        rows: &Rows<'_>,
+        i: usize,
+        sig: &[u32],
+        keys: &[u64],
+        buckets: &redb::ReadOnlyMultimapTable<u64, u64>,
+        docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
+        next_from_disk: u64,
+        pending: &mut NearPending,
+    ) -> Result<Decision, redb::Error> {
+        if keys.is_empty() {
+            return Ok(Decision::Accept);
+        }
+        let mut candidates = BTreeSet::new();
+        for k in keys {
+            if let Some(ids) = pending.buckets.get(k) {
+                candidates.extend(ids.iter().copied());
+            }
+            for id in buckets.get(*k)? {
+                candidates.insert(id?.value());
+            }
+        }
+        let mut best: Option<Match> = None;
+        for id in candidates {
+            let record = match pending.docs.get(&id) {
+                Some(r) => r.clone(),
+                None => match docs.get(id)? {
+                    Some(v) => v.value().to_vec(),
+                    None => continue,
+                },
+            };
+            let stored = stored_signature(&record);
+            let s = estimate(&stored, sig);
+            if s >= self.config.threshold && best.as_ref().is_none_or(|b| s > b.similarity) {
+                best = Some(Match {
+                    id,
+                    similarity: s,
+                    record,
+                });
+            }
+        }
+        if let Some(Match {
+            id,
+            similarity,
+            mut record,
+        }) = best
+        {
+            let Some(mut orig) = Original::decode(&record) else {
+                return Ok(Decision::Accept);
+            };
+            let (d, changed) = duplicate_decision(
+                self.config.flood.as_ref(),
+                "duplicate_near",
+                rows,
+                i,
+                &mut orig,
+                Some(similarity),
+            );
+            if changed {
+                let mut head = Vec::with_capacity(ORIGINAL_BYTES);
+                orig.encode(&mut head);
+                record[..ORIGINAL_BYTES].copy_from_slice(&head);
+                pending.docs.insert(id, record);
+            }
+            return Ok(d);
+        }
+        let id = pending.next_id.unwrap_or(next_from_disk);
+        pending.next_id = Some(id + 1);
+        let mut record = Vec::with_capacity(ORIGINAL_BYTES + sig.len() * 4);
+        Original::of_row(rows, i).encode(&mut record);
+        for v in sig {
+            record.extend_from_slice(&v.to_le_bytes());
+        }
+        pending.docs.insert(id, record);
+        for k in keys {
+            pending.buckets.entry(*k).or_default().push(id);
+        }
+        Ok(Decision::Accept)
+    }
+}
+
+fn stored_signature(record: &[u8]) -> Vec<u32> {
+    record
+        .get(ORIGINAL_BYTES..)
+        .unwrap_or(&[])
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
+}
+
+impl Operator for Near {
+    fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        ctx: &mut OperatorContext,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let rows = Rows::new(&batch, &ctx.stage)?;
+        let stage = ctx.stage.clone();
+        let err = |e: &dyn std::fmt::Display| op_err(&stage, e);
+        // Signatures and band keys outside the lock.
+        let (bands, r) = (self.config.bands, self.config.rows);
+        let prepared: Vec<(Vec<u32>, Vec<u64>)> = (0..rows.len())
+            .map(|i| {
+                let sig = self.hasher.signature(rows.content.value(i));
+                if sig.0.iter().all(|v| *v == u64::MAX) {
+                    return (Vec::new(), Vec::new());
+                }
+                let scope = xxh3_64(rows.datanet.value(i).as_bytes());
+                (sig.truncated(), band_keys(&sig.0, bands, r, scope))
+            })
+            .collect();
+        let state = self.state.clone();
+        let _deciding = state.db.deciding();
+        let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
+        let buckets = txn
+            .open_multimap_table(state.tables.buckets_def())
+            .map_err(|e| err(&e))?;
+        let docs = txn
+            .open_table(state.tables.docs_def())
+            .map_err(|e| err(&e))?;
+        let next_from_disk = txn
+            .open_table(state.tables.meta_def())
+            .map_err(|e| err(&e))?
+            .get("next_id")
+            .map_err(|e| err(&e))?
+            .map_or(0, |v| v.value());
+        let mut keep = Vec::with_capacity(rows.len());
+        let mut pending = lock(&state.tables.pending);
+        for (i, (sig, keys)) in prepared.iter().enumerate() {
+            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
+            let decision = match self
+                .replay
+                .take(&state.journal, &state.db, partition, offset)
+                .map_err(|e| err(&e))?
+            {
+                Some(d) => d,
+                None => self
+                    .decide(
+                        &rows,
+                        i,
+                        sig,
+                        keys,
+                        &buckets,
+                        &docs,
+                        next_from_disk,
+                        &mut pending,
+                    )
+                    .map_err(|e| err(&e))?,
+            };
+            state.journal.record(partition, offset, &decision);
+            match &decision {
+                Decision::Accept => keep.push(i as u32),
+                d => ctx.reject(rows.rejection(i, d, true)),
+            }
+        }
+        drop(pending);
+        drop(_deciding);
+        state.db.relieve_memory().map_err(|e| err(&e))?;
+        out.collect(
+            keep_rows(&batch, &keep).map_err(|source| OperatorError::Arrow {
+                stage: stage.clone(),
+                source,
+            })?,
+        );
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        barrier: &Barrier,
+        ctx: &mut OperatorContext,
+        _out: &mut Collector,
+    ) -> Result<Option<Vec<u8>>, OperatorError> {
+        self.state
+            .journal
+            .committed_below(ctx.partition, barrier.first_offset);
+        self.state
+            .db
+            .flush(true)
+            .map_err(|e| op_err(&ctx.stage, e))?;
+        Ok(None)
+    }
+}

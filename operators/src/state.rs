@@ -1,0 +1,472 @@
+//! Durable state shared by the partitions of a stateful stage: an embedded on-disk store
+//! (redb, one file per job) fronted by in-memory tables, plus a journal of decisions that makes a
+//! replay after a crash decide exactly as the first run did.
+//!
+//! # Why a journal
+//!
+//! A Datanet is deduplicated against everything it has ever accepted, whatever Kafka partition
+//! each contribution came through, so the state of `verify`, `exact` and `near` is one per job and
+//! shared by the pipelines of all the partitions a process holds. Partitions checkpoint
+//! independently, so on restart a partition replays records whose effects other partitions have
+//! already seen (a duplicate in partition 3 was refused because the original in partition 1 was
+//! accepted, and partition 1 had not committed yet). Every decision is therefore written to a
+//! journal keyed by the record's Kafka position, in the same store transaction as the state it
+//! changed. A replayed record finds its decision there and repeats it; records not in the journal
+//! were never decided against durable state and are decided afresh. Journal entries below a
+//! partition's committed offset can never be replayed and are pruned at its next barrier.
+//!
+//! # Durability and memory
+//!
+//! Changes accumulate in memory and are written in one transaction by [`StateDb::flush`]: on
+//! every barrier of any partition (made durable before the partition's checkpoint commits, so a
+//! committed decision never depends on state that could be lost) and whenever the in-memory part
+//! passes its budget. What is on disk is read through redb's page cache, whose size is the state's
+//! memory budget (`state.cache_bytes`); the state itself can grow far beyond RAM.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
+
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::operator::OperatorError;
+
+/// A job's stage state on local disk.
+pub struct StateDb {
+    db: Database,
+    path: PathBuf,
+    /// Everything that writes to the database registers here so one flush covers all of it.
+    writers: Mutex<Vec<Arc<dyn Flushable>>>,
+    /// Serialises flushes (redb allows one write transaction at a time anyway).
+    flush_lock: Mutex<()>,
+    /// Decisions hold it shared; a flush holds it exclusively, so no decision ever sees a change
+    /// that has left memory but is not yet readable from disk.
+    gate: RwLock<()>,
+    max_pending: std::sync::atomic::AtomicUsize,
+    /// A non-durable flush happened since the last durable one.
+    undurable: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDb").field("path", &self.path).finish()
+    }
+}
+
+/// Why the state store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {path}: {detail}")]
+    Db { path: String, detail: String },
+}
+
+impl StateError {
+    fn db(path: &Path, e: impl std::fmt::Display) -> Self {
+        StateError::Db {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Something with in-memory changes to write into a transaction.
+pub trait Flushable: Send + Sync {
+    /// Writes (and forgets) the pending changes into `txn`.
+    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error>;
+    /// Bytes of pending changes held in memory (approximate).
+    fn pending_bytes(&self) -> usize;
+}
+
+impl StateDb {
+    /// Opens (creating it if needed) the state file `dir/state.redb`, with `cache_bytes` of page
+    /// cache. A second process opening the same file fails: one process owns a job's state.
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Arc<StateDb>, StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::db(dir, e))?;
+        let path = dir.join("state.redb");
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StateError::db(
+                    &path,
+                    "already open in another process: one process runs a job with stateful stages",
+                ),
+                e => StateError::db(&path, e),
+            })?;
+        Ok(Arc::new(StateDb {
+            db,
+            path,
+            writers: Mutex::new(Vec::new()),
+            flush_lock: Mutex::new(()),
+            gate: RwLock::new(()),
+            max_pending: std::sync::atomic::AtomicUsize::new(64 << 20),
+            undurable: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The database, for reads (`begin_read`).
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Includes `w` in every flush from now on.
+    pub fn register(&self, w: Arc<dyn Flushable>) {
+        lock(&self.writers).push(w);
+    }
+
+    /// Held while deciding a batch: state read from memory or disk is consistent meanwhile.
+    pub fn deciding(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes every registered writer's pending changes in one transaction, durably (fsync) when
+    /// `durable`.
+    pub fn flush(&self, durable: bool) -> Result<(), StateError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _one = lock(&self.flush_lock);
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let writers = lock(&self.writers).clone();
+        // Nothing pending and nothing written since the last durable flush: nothing to do (the
+        // stages of one barrier all ask; the first one's flush covers the others).
+        let pending: usize = writers.iter().map(|w| w.pending_bytes()).sum();
+        if pending == 0 && (!durable || !self.undurable.load(SeqCst)) {
+            return Ok(());
+        }
+        let err = |e: redb::Error| StateError::db(&self.path, e);
+        let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| StateError::db(&self.path, e))?;
+        for w in &writers {
+            w.write_into(&txn).map_err(err)?;
+        }
+        txn.commit().map_err(|e| err(e.into()))?;
+        self.undurable.store(!durable, SeqCst);
+        Ok(())
+    }
+
+    /// Pending changes are written (not durably) once they pass `bytes`.
+    pub fn set_max_pending_bytes(&self, bytes: usize) {
+        self.max_pending
+            .store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Writes pending changes when they have grown past the budget (call after a batch, holding
+    /// no lock of the state).
+    pub fn relieve_memory(&self) -> Result<(), StateError> {
+        if self.pending_bytes() > self.max_pending.load(std::sync::atomic::Ordering::Relaxed) {
+            self.flush(false)?;
+        }
+        Ok(())
+    }
+
+    /// Pending in-memory bytes over all writers.
+    pub fn pending_bytes(&self) -> usize {
+        lock(&self.writers).iter().map(|w| w.pending_bytes()).sum()
+    }
+
+    /// Bytes of the state file on disk.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Makes sure `table` exists, so read transactions can open it.
+    pub fn ensure_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: TableDefinition<'_, K, V>,
+    ) -> Result<(), StateError> {
+        let _one = lock(&self.flush_lock);
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| StateError::db(&self.path, e))?;
+        txn.open_table(def)
+            .map_err(|e| StateError::db(&self.path, e))?;
+        txn.commit().map_err(|e| StateError::db(&self.path, e))?;
+        Ok(())
+    }
+
+    /// Makes sure the multimap `table` exists.
+    pub fn ensure_multimap<K: redb::Key + 'static, V: redb::Key + 'static>(
+        &self,
+        def: redb::MultimapTableDefinition<'_, K, V>,
+    ) -> Result<(), StateError> {
+        let _one = lock(&self.flush_lock);
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| StateError::db(&self.path, e))?;
+        txn.open_multimap_table(def)
+            .map_err(|e| StateError::db(&self.path, e))?;
+        txn.commit().map_err(|e| StateError::db(&self.path, e))?;
+        Ok(())
+    }
+}
+
+/// The one shared state of a stateful stage, made when its first instance is.
+pub struct SharedSlot<S> {
+    slot: Mutex<Option<(Weak<StateDb>, Arc<S>)>>,
+}
+
+impl<S> Default for SharedSlot<S> {
+    fn default() -> Self {
+        Self {
+            slot: Mutex::new(None),
+        }
+    }
+}
+
+impl<S> SharedSlot<S> {
+    /// The state living in `db`, made by `init` the first time.
+    pub fn get_or_init(
+        &self,
+        db: &Arc<StateDb>,
+        init: impl FnOnce() -> Result<Arc<S>, StateError>,
+    ) -> Result<Arc<S>, StateError> {
+        let mut slot = lock(&self.slot);
+        if let Some((weak, s)) = slot.as_ref() {
+            if weak.upgrade().is_some_and(|d| Arc::ptr_eq(&d, db)) {
+                return Ok(s.clone());
+            }
+        }
+        let s = init()?;
+        *slot = Some((Arc::downgrade(db), s.clone()));
+        Ok(s)
+    }
+}
+
+/// Locks a mutex; a poisoned one (a panic elsewhere) still holds consistent data here because
+/// every critical section either completes or leaves only in-memory changes behind.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a stage decided for one record, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Decision {
+    Accept,
+    Reject {
+        reason: String,
+        detail: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duplicate_of: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        similarity: Option<f64>,
+        /// Other contributors penalised by this decision (a flood's earlier members).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        also_penalise: Vec<String>,
+    },
+}
+
+impl Decision {
+    pub fn reject(reason: impl Into<String>, detail: impl Into<String>) -> Self {
+        Decision::Reject {
+            reason: reason.into(),
+            detail: detail.into(),
+            duplicate_of: None,
+            similarity: None,
+            also_penalise: Vec::new(),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Decision::Accept => Vec::new(),
+            d => serde_json::to_vec(d).expect("decisions serialise"),
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Decision> {
+        if bytes.is_empty() {
+            Some(Decision::Accept)
+        } else {
+            serde_json::from_slice(bytes).ok()
+        }
+    }
+}
+
+/// The journal of one stage: decisions by Kafka (partition, offset), pending ones in memory.
+pub struct Journal {
+    table: String,
+    pending: Mutex<JournalPending>,
+}
+
+#[derive(Default)]
+struct JournalPending {
+    decisions: BTreeMap<(i32, i64), Vec<u8>>,
+    bytes: usize,
+    /// Per partition: journal entries below this offset are committed and can go.
+    prune_below: HashMap<i32, i64>,
+}
+
+impl Journal {
+    /// The journal of stage `stage`, registered with `db` for flushes.
+    pub fn open(db: &StateDb, stage: &str) -> Result<Arc<Journal>, StateError> {
+        let j = Arc::new(Journal {
+            table: format!("{stage}/journal"),
+            pending: Mutex::new(JournalPending::default()),
+        });
+        db.ensure_table(j.def())?;
+        db.register(j.clone());
+        Ok(j)
+    }
+
+    fn def(&self) -> TableDefinition<'_, (i32, i64), &'static [u8]> {
+        TableDefinition::new(&self.table)
+    }
+
+    /// Records `decision` for the record at (`partition`, `offset`).
+    pub fn record(&self, partition: i32, offset: i64, decision: &Decision) {
+        let bytes = decision.encode();
+        let mut p = lock(&self.pending);
+        p.bytes += bytes.len() + 24;
+        p.decisions.insert((partition, offset), bytes);
+    }
+
+    /// The decisions already taken for `partition` at or after `from` (durable or pending): what a
+    /// pipeline resuming at `from` must repeat.
+    pub fn replay_from(
+        &self,
+        db: &StateDb,
+        partition: i32,
+        from: i64,
+    ) -> Result<BTreeMap<i64, Decision>, StateError> {
+        let mut out = BTreeMap::new();
+        let txn = db
+            .db()
+            .begin_read()
+            .map_err(|e| StateError::db(db.path(), e))?;
+        let t = txn
+            .open_table(self.def())
+            .map_err(|e| StateError::db(db.path(), e))?;
+        for item in t
+            .range((partition, from)..=(partition, i64::MAX))
+            .map_err(|e| StateError::db(db.path(), e))?
+        {
+            let (k, v) = item.map_err(|e| StateError::db(db.path(), e))?;
+            if let Some(d) = Decision::decode(v.value()) {
+                out.insert(k.value().1, d);
+            }
+        }
+        let p = lock(&self.pending);
+        for ((_, o), v) in p.decisions.range((partition, from)..=(partition, i64::MAX)) {
+            if let Some(d) = Decision::decode(v) {
+                out.insert(*o, d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entries of `partition` below `offset` belong to a committed checkpoint: drop them at the
+    /// next flush.
+    pub fn committed_below(&self, partition: i32, offset: i64) {
+        let mut p = lock(&self.pending);
+        let e = p.prune_below.entry(partition).or_insert(offset);
+        *e = (*e).max(offset);
+    }
+}
+
+impl Flushable for Journal {
+    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let (decisions, prune) = {
+            let mut p = lock(&self.pending);
+            p.bytes = 0;
+            (
+                std::mem::take(&mut p.decisions),
+                std::mem::take(&mut p.prune_below),
+            )
+        };
+        let mut t = txn.open_table(self.def())?;
+        for ((part, off), v) in &decisions {
+            t.insert((*part, *off), v.as_slice())?;
+        }
+        for (part, below) in prune {
+            t.retain_in((part, i64::MIN)..(part, below), |_, _| false)?;
+        }
+        Ok(())
+    }
+
+    fn pending_bytes(&self) -> usize {
+        let p = lock(&self.pending);
+        p.bytes + p.prune_below.len() * 16
+    }
+}
+
+/// The replay buffer of one partition's operator instance: decisions to repeat, loaded when the
+/// instance sees its first record.
+#[derive(Default)]
+pub struct Replay {
+    loaded: bool,
+    decisions: BTreeMap<i64, Decision>,
+}
+
+impl Replay {
+    /// The decision already taken for `offset`, if this is a replayed record.
+    pub fn take(
+        &mut self,
+        journal: &Journal,
+        db: &StateDb,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Option<Decision>, StateError> {
+        if !self.loaded {
+            self.decisions = journal.replay_from(db, partition, offset)?;
+            self.loaded = true;
+        }
+        if self.decisions.is_empty() {
+            return Ok(None);
+        }
+        Ok(self.decisions.remove(&offset))
+    }
+}
+
+/// Converts a state failure into an operator failure of `stage` (the job restarts from its last
+/// checkpoint).
+pub fn op_err(stage: &str, e: impl std::fmt::Display) -> OperatorError {
+    OperatorError::External {
+        stage: stage.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_round_trip_and_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let j = Journal::open(&db, "exact").unwrap();
+        j.record(0, 5, &Decision::Accept);
+        j.record(0, 6, &Decision::reject("duplicate_exact", "same text"));
+        j.record(1, 5, &Decision::Accept);
+        // Pending decisions replay before a flush ...
+        assert_eq!(j.replay_from(&db, 0, 0).unwrap().len(), 2);
+        db.flush(true).unwrap();
+        // ... and durable ones after it, from the requested offset on.
+        let r = j.replay_from(&db, 0, 6).unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(matches!(&r[&6], Decision::Reject { reason, .. } if reason == "duplicate_exact"));
+        j.committed_below(0, 6);
+        db.flush(false).unwrap();
+        assert_eq!(j.replay_from(&db, 0, 0).unwrap().len(), 1);
+        assert_eq!(j.replay_from(&db, 1, 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn second_open_of_the_same_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let e = StateDb::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("already open"), "{e}");
+    }
+}

@@ -1,0 +1,603 @@
+//! `verify_signatures`: the contributor's EIP-712 signature, its validity window, replays and
+//! rate limits.
+//!
+//! For each contribution row, in order, refusing with the first reason that applies:
+//! 1. `bad_signature` / `signer_mismatch`: the signature does not recover to `contributor` in
+//!    the job's signing domain (see [`crate::signature`]);
+//! 2. `not_yet_valid` / `expired`: the Kafka record timestamp, widened by `clock_skew_seconds`
+//!    either way, is before `issued_at` or after `expires_at`;
+//! 3. `replay`: the same (datanet, contributor, nonce) was verified before (`duplicate_of` names
+//!    the first contribution that used it);
+//! 4. `rate_limit`: the contributor already has `rate_limit.max` verified contributions in the
+//!    same window of `rate_limit.window_seconds` (tumbling, by Kafka timestamp).
+//!
+//! Only refusals after step 1 carry the contributor for penalties: before the signature holds,
+//! `contributor` is an unauthenticated claim. Nonces and window counts live in the job's state
+//! store (see [`crate::state`]), shared by all partitions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use ledgerflow_schemas::contribution::{contribution_struct_hash, eip712_digest, keccak256};
+use ledgerflow_schemas::hex0x;
+use redb::{ReadableDatabase, TableDefinition};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::operator::{
+    Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
+};
+use crate::rows::{contribution_passthrough, keep_rows, Rows};
+use crate::signature::{parse_signature_hex, recover_signer};
+use crate::state::{
+    lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb, StateError,
+};
+
+/// Configuration of a `verify_signatures` stage.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Tolerance, in seconds, between the Kafka record timestamp and `issued_at` / `expires_at`.
+    #[serde(default = "default_skew")]
+    pub clock_skew_seconds: u64,
+    /// At most `max` verified contributions per contributor per window; more are `rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A per-contributor rate limit over tumbling windows of Kafka time.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub max: u32,
+    pub window_seconds: u64,
+}
+
+fn default_skew() -> u64 {
+    300
+}
+
+impl VerifyConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(r) = &self.rate_limit {
+            if r.max == 0 || r.window_seconds == 0 {
+                return Err("rate_limit.max and rate_limit.window_seconds must be positive".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The factory: config plus the state its instances share.
+pub struct VerifyStage {
+    pub config: VerifyConfig,
+    shared: SharedSlot<VerifyState>,
+}
+
+impl VerifyStage {
+    pub fn new(config: VerifyConfig) -> Self {
+        Self {
+            config,
+            shared: SharedSlot::default(),
+        }
+    }
+}
+
+impl StageFactory for VerifyStage {
+    fn output_schema(&self, inputs: &[SchemaRef]) -> Result<SchemaRef, String> {
+        contribution_passthrough(inputs)
+    }
+
+    fn stateful(&self) -> bool {
+        true
+    }
+
+    fn instantiate(&self, stage: &str, env: &StageEnv) -> Result<Box<dyn Operator>, OperatorError> {
+        let db = env.state(stage)?;
+        let state = self
+            .shared
+            .get_or_init(db, || VerifyState::open(db, stage))
+            .map_err(|e| op_err(stage, e))?;
+        Ok(Box::new(Verify {
+            config: self.config.clone(),
+            separator: env.signing.separator(),
+            state,
+            replay: Replay::default(),
+        }))
+    }
+}
+
+/// State shared by the partitions: nonces seen and per-window counts.
+pub struct VerifyState {
+    db: Arc<StateDb>,
+    journal: Arc<Journal>,
+    tables: Arc<VerifyTables>,
+}
+
+struct VerifyTables {
+    nonces: String,
+    counts: String,
+    pending: Mutex<VerifyPending>,
+}
+
+#[derive(Default)]
+struct VerifyPending {
+    /// nonce key → content hash of the first contribution that used it.
+    nonces: HashMap<[u8; 16], [u8; 32]>,
+    /// (window ‖ contributor) → verified count (absolute).
+    counts: HashMap<[u8; 28], u32>,
+    /// Windows before this can be dropped.
+    oldest_live_window: u64,
+}
+
+impl VerifyTables {
+    fn nonces_def(&self) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+        TableDefinition::new(&self.nonces)
+    }
+    fn counts_def(&self) -> TableDefinition<'_, &'static [u8], u32> {
+        TableDefinition::new(&self.counts)
+    }
+}
+
+impl Flushable for VerifyTables {
+    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let p = std::mem::take(&mut *lock(&self.pending));
+        let mut t = txn.open_table(self.nonces_def())?;
+        for (k, v) in &p.nonces {
+            t.insert(k.as_slice(), v.as_slice())?;
+        }
+        let mut c = txn.open_table(self.counts_def())?;
+        for (k, v) in &p.counts {
+            c.insert(k.as_slice(), *v)?;
+        }
+        if p.oldest_live_window > 0 {
+            let below = window_key(p.oldest_live_window, &[0u8; 20]);
+            c.retain_in(..below.as_slice(), |_, _| false)?;
+        }
+        lock(&self.pending).oldest_live_window = p.oldest_live_window;
+        Ok(())
+    }
+
+    fn pending_bytes(&self) -> usize {
+        let p = lock(&self.pending);
+        p.nonces.len() * 80 + p.counts.len() * 64
+    }
+}
+
+fn window_key(window: u64, contributor: &[u8; 20]) -> [u8; 28] {
+    let mut k = [0u8; 28];
+    k[..8].copy_from_slice(&window.to_be_bytes());
+    k[8..].copy_from_slice(contributor);
+    k
+}
+
+fn nonce_key(datanet: &str, contributor: &[u8; 20], nonce: u64) -> [u8; 16] {
+    let mut buf = Vec::with_capacity(datanet.len() + 29);
+    buf.extend_from_slice(datanet.as_bytes());
+    buf.push(0);
+    buf.extend_from_slice(contributor);
+    buf.extend_from_slice(&nonce.to_le_bytes());
+    xxh3_128(&buf).to_le_bytes()
+}
+
+impl VerifyState {
+    fn open(db: &Arc<StateDb>, stage: &str) -> Result<Arc<Self>, StateError> {
+        let tables = Arc::new(VerifyTables {
+            nonces: format!("{stage}/nonces"),
+            counts: format!("{stage}/window_counts"),
+            pending: Mutex::new(VerifyPending::default()),
+        });
+        db.ensure_table(tables.nonces_def())?;
+        db.ensure_table(tables.counts_def())?;
+        db.register(tables.clone());
+        Ok(Arc::new(Self {
+            db: db.clone(),
+            journal: Journal::open(db, stage)?,
+            tables,
+        }))
+    }
+}
+
+/// One partition's instance.
+pub struct Verify {
+    config: VerifyConfig,
+    separator: [u8; 32],
+    state: Arc<VerifyState>,
+    replay: Replay,
+}
+
+/// What the signature check says about one row, before any state is consulted.
+enum SigOutcome {
+    Valid([u8; 20]),
+    Refused(Decision),
+}
+
+impl Verify {
+    fn check_signature(&self, rows: &Rows<'_>, i: usize) -> SigOutcome {
+        let refuse =
+            |reason: &str, detail: String| SigOutcome::Refused(Decision::reject(reason, detail));
+        let Some(claimed) = hex0x::decode_fixed::<20>(rows.contributor.value(i)) else {
+            return refuse("schema", "contributor is not a 20-byte address".into());
+        };
+        let Some(content_hash) = hex0x::decode_fixed::<32>(rows.content_hash.value(i)) else {
+            return refuse("schema", "content_hash is not 32 bytes of hex".into());
+        };
+        let metadata_hash = rows
+            .metadata(i)
+            .map_or([0u8; 32], |m| keccak256(m.as_bytes()));
+        let struct_hash = contribution_struct_hash(
+            rows.datanet.value(i),
+            &content_hash,
+            &metadata_hash,
+            rows.nonce.value(i),
+            rows.issued_at.value(i),
+            rows.expires_at.value(i),
+        );
+        let digest = eip712_digest(&self.separator, &struct_hash);
+        let sig = match parse_signature_hex(rows.signature.value(i)) {
+            Ok(s) => s,
+            Err(e) => return refuse("bad_signature", e.to_string()),
+        };
+        match recover_signer(&digest, &sig) {
+            Ok(signer) if signer == claimed => SigOutcome::Valid(signer),
+            Ok(signer) => refuse(
+                "signer_mismatch",
+                format!(
+                    "signed by 0x{}, not by the contributor {}",
+                    hex::encode(signer),
+                    rows.contributor.value(i)
+                ),
+            ),
+            Err(e) => refuse("bad_signature", e.to_string()),
+        }
+    }
+
+    /// Decides a row whose signature holds, against (and updating) the shared state.
+    fn decide(
+        &self,
+        rows: &Rows<'_>,
+        i: usize,
+        signer: &[u8; 20],
+        read: &ReadTables<'_>,
+        pending: &mut VerifyPending,
+    ) -> Result<Decision, redb::Error> {
+        let ts_s = rows.timestamp.value(i).max(0) as u64 / 1000;
+        let skew = self.config.clock_skew_seconds;
+        let (issued, expires) = (rows.issued_at.value(i), rows.expires_at.value(i));
+        if ts_s.saturating_add(skew) < issued {
+            return Ok(Decision::reject(
+                "not_yet_valid",
+                format!("issued_at {issued} is after the record time {ts_s} (+{skew} s skew)"),
+            ));
+        }
+        if ts_s > expires.saturating_add(skew) {
+            return Ok(Decision::reject(
+                "expired",
+                format!("expires_at {expires} is before the record time {ts_s} (−{skew} s skew)"),
+            ));
+        }
+        let nonce = rows.nonce.value(i);
+        let key = nonce_key(rows.datanet.value(i), signer, nonce);
+        let first = match pending.nonces.get(&key) {
+            Some(h) => Some(*h),
+            None => read.nonce(&key)?,
+        };
+        if let Some(first) = first {
+            return Ok(Decision::Reject {
+                reason: "replay".into(),
+                detail: format!(
+                    "nonce {nonce} of this contributor was used before in this datanet"
+                ),
+                duplicate_of: Some(hex0x::encode(&first)),
+                similarity: None,
+                also_penalise: Vec::new(),
+            });
+        }
+        if let Some(limit) = &self.config.rate_limit {
+            let window = ts_s / limit.window_seconds;
+            let wk = window_key(window, signer);
+            let count = match pending.counts.get(&wk) {
+                Some(c) => *c,
+                None => read.count(&wk)?,
+            };
+            if count >= limit.max {
+                return Ok(Decision::reject(
+                    "rate_limit",
+                    format!(
+                        "{count} contributions in the {} s window starting at {} (max {})",
+                        limit.window_seconds,
+                        window * limit.window_seconds,
+                        limit.max
+                    ),
+                ));
+            }
+            pending.counts.insert(wk, count + 1);
+            pending.oldest_live_window = pending.oldest_live_window.max(window.saturating_sub(2));
+        }
+        let content_hash =
+            hex0x::decode_fixed::<32>(rows.content_hash.value(i)).unwrap_or([0u8; 32]);
+        pending.nonces.insert(key, content_hash);
+        Ok(Decision::Accept)
+    }
+}
+
+/// Read access to the durable tables for one batch.
+struct ReadTables<'a> {
+    nonces: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    counts: redb::ReadOnlyTable<&'static [u8], u32>,
+    _txn: &'a redb::ReadTransaction,
+}
+
+impl ReadTables<'_> {
+    fn nonce(&self, key: &[u8; 16]) -> Result<Option<[u8; 32]>, redb::Error> {
+        Ok(self
+            .nonces
+            .get(key.as_slice())?
+            .and_then(|v| v.value().try_into().ok()))
+    }
+    fn count(&self, key: &[u8; 28]) -> Result<u32, redb::Error> {
+        Ok(self.counts.get(key.as_slice())?.map_or(0, |v| v.value()))
+    }
+}
+
+impl Operator for Verify {
+    fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        ctx: &mut OperatorContext,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let rows = Rows::new(&batch, &ctx.stage)?;
+        let stage = ctx.stage.clone();
+        let err = |e: &dyn std::fmt::Display| op_err(&stage, e);
+        // Signatures first, outside any lock: they are most of the work.
+        let sigs: Vec<SigOutcome> = (0..rows.len())
+            .map(|i| self.check_signature(&rows, i))
+            .collect();
+        let state = self.state.clone();
+        let _deciding = state.db.deciding();
+        let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
+        let read = ReadTables {
+            nonces: txn
+                .open_table(state.tables.nonces_def())
+                .map_err(|e| err(&e))?,
+            counts: txn
+                .open_table(state.tables.counts_def())
+                .map_err(|e| err(&e))?,
+            _txn: &txn,
+        };
+        let mut keep = Vec::with_capacity(rows.len());
+        let mut pending = lock(&state.tables.pending);
+        for (i, sig) in sigs.into_iter().enumerate() {
+            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
+            let replayed = self
+                .replay
+                .take(&state.journal, &state.db, partition, offset)
+                .map_err(|e| err(&e))?;
+            let (decision, authenticated) = match (replayed, sig) {
+                (Some(d), SigOutcome::Valid(_)) => (d, true),
+                (Some(d), SigOutcome::Refused(_)) => (d, false),
+                (None, SigOutcome::Refused(d)) => (d, false),
+                (None, SigOutcome::Valid(signer)) => (
+                    self.decide(&rows, i, &signer, &read, &mut pending)
+                        .map_err(|e| err(&e))?,
+                    true,
+                ),
+            };
+            state.journal.record(partition, offset, &decision);
+            match &decision {
+                Decision::Accept => keep.push(i as u32),
+                d => ctx.reject(rows.rejection(i, d, authenticated)),
+            }
+        }
+        drop(pending);
+        drop(_deciding);
+        state.db.relieve_memory().map_err(|e| err(&e))?;
+        let kept = keep_rows(&batch, &keep).map_err(|source| OperatorError::Arrow {
+            stage: stage.clone(),
+            source,
+        })?;
+        out.collect(kept);
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        barrier: &Barrier,
+        ctx: &mut OperatorContext,
+        _out: &mut Collector,
+    ) -> Result<Option<Vec<u8>>, OperatorError> {
+        self.state
+            .journal
+            .committed_below(ctx.partition, barrier.first_offset);
+        self.state
+            .db
+            .flush(true)
+            .map_err(|e| op_err(&ctx.stage, e))?;
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::DecodeConfig;
+    use arrow_array::builder::{BinaryBuilder, Int32Builder, Int64Builder, StringBuilder};
+    use arrow_array::{ArrayRef, TimestampMillisecondArray};
+    use ledgerflow_schemas::contribution::{Contribution, SigningDomain};
+    use ledgerflow_schemas::tables::kafka_record_schema;
+    use secp256k1::ecdsa::RecoverableSignature;
+    use secp256k1::{Message, SecretKey};
+
+    #[test]
+    fn nonce_keys_separate_datanets_and_nonces() {
+        let a = [1u8; 20];
+        assert_ne!(nonce_key("legal", &a, 1), nonce_key("legal", &a, 2));
+        assert_ne!(nonce_key("legal", &a, 1), nonce_key("medical", &a, 1));
+        assert_eq!(nonce_key("legal", &a, 1), nonce_key("legal", &a, 1));
+    }
+
+    /// A signed message: (JSON, Kafka timestamp ms).
+    fn signed(key: u8, content: &str, nonce: u64, issued: u64, expires: u64) -> String {
+        let sk = SecretKey::from_secret_bytes([key; 32]).unwrap();
+        let pk = sk.public_key().serialize_uncompressed();
+        let address = &keccak256(&pk[1..])[12..];
+        let mut c = Contribution {
+            datanet: "legal".into(),
+            contributor: hex0x::encode(address).into(),
+            content: content.into(),
+            metadata: None,
+            nonce,
+            issued_at: issued,
+            expires_at: expires,
+            signature: "".into(),
+        };
+        let digest = c.signing_digest(&SigningDomain::default()).unwrap();
+        let (recid, rs) =
+            RecoverableSignature::sign_ecdsa_recoverable(Message::from_digest(digest), &sk)
+                .serialize_compact();
+        let mut sig = rs.to_vec();
+        sig.push(27 + recid.to_u8());
+        c.signature = hex0x::encode(&sig).into();
+        serde_json::to_string(&c).unwrap()
+    }
+
+    fn records(msgs: &[(String, i64)], first_offset: i64) -> RecordBatch {
+        let mut key = BinaryBuilder::new();
+        let mut value = BinaryBuilder::new();
+        let mut topic = StringBuilder::new();
+        let mut partition = Int32Builder::new();
+        let mut offset = Int64Builder::new();
+        let mut ts = Vec::new();
+        for (i, (m, t)) in msgs.iter().enumerate() {
+            key.append_null();
+            value.append_value(m.as_bytes());
+            topic.append_value("t");
+            partition.append_value(0);
+            offset.append_value(first_offset + i as i64);
+            ts.push(*t);
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(key.finish()),
+            Arc::new(value.finish()),
+            Arc::new(topic.finish()),
+            Arc::new(partition.finish()),
+            Arc::new(offset.finish()),
+            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+        ];
+        RecordBatch::try_new(kafka_record_schema(), cols).unwrap()
+    }
+
+    /// Runs decode then `op` over `batch`; returns the reason of each row in order.
+    fn decide(op: &mut Box<dyn Operator>, batch: RecordBatch) -> Vec<String> {
+        let mut decode = DecodeConfig::default()
+            .instantiate("decode", &StageEnv::default())
+            .unwrap();
+        let mut ctx = OperatorContext::new("decode", 0);
+        let mut out = Collector::default();
+        decode.process_batch(batch, &mut ctx, &mut out).unwrap();
+        let rows = out.take().pop().unwrap();
+        let offsets: Vec<i64> = Rows::new(&rows, "t").unwrap().offset.values().to_vec();
+        let mut ctx = OperatorContext::new("verify", 0);
+        let mut out = Collector::default();
+        op.process_batch(rows, &mut ctx, &mut out).unwrap();
+        let kept: Vec<i64> = out
+            .take()
+            .iter()
+            .flat_map(|b| Rows::new(b, "t").unwrap().offset.values().to_vec())
+            .collect();
+        let rejected: BTreeMap<i64, String> = ctx
+            .take_rejections()
+            .into_iter()
+            .map(|r| (r.kafka_offset, r.reason))
+            .collect();
+        offsets
+            .iter()
+            .map(|o| {
+                if kept.contains(o) {
+                    "accept".to_string()
+                } else {
+                    rejected[o].clone()
+                }
+            })
+            .collect()
+    }
+
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn window_replay_rate_limit_and_a_replayed_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let env = StageEnv {
+            state: Some(db.clone()),
+            ..Default::default()
+        };
+        let stage = VerifyStage::new(VerifyConfig {
+            clock_skew_seconds: 60,
+            rate_limit: Some(RateLimit {
+                max: 3,
+                window_seconds: 3600,
+            }),
+        });
+        let t = 1_800_000_000i64; // seconds
+        let ms = t * 1000;
+        let u = t as u64;
+        let mut wrong_v = signed(1, "x", 99, u, u + 10);
+        wrong_v = wrong_v.replace("1b\"}", "1d\"}").replace("1c\"}", "1d\"}");
+        let msgs = vec![
+            (signed(1, "a", 1, u, u + 10), ms),
+            (signed(1, "b", 2, u, u + 10), ms),
+            (signed(1, "c", 1, u, u + 10), ms), // nonce 1 again
+            (signed(1, "d", 3, u - 1000, u - 500), ms), // expired
+            (signed(1, "e", 4, u + 1000, u + 2000), ms), // not yet valid
+            (signed(1, "f", 5, u - 30, u + 10), ms), // within the skew
+            (signed(1, "g", 6, u, u + 10), ms), // fourth in the window
+            (signed(2, "h", 1, u, u + 10), ms), // another contributor
+            (signed(1, "i", 7, u + 3600, u + 7200), ms + 3_600_000), // next window
+            (wrong_v, ms),
+        ];
+        let want = [
+            "accept",
+            "accept",
+            "replay",
+            "expired",
+            "not_yet_valid",
+            "accept",
+            "rate_limit",
+            "accept",
+            "accept",
+            "bad_signature",
+        ];
+        let mut op = stage.instantiate("verify", &env).unwrap();
+        assert_eq!(decide(&mut op, records(&msgs, 0)), want);
+        // A restarted pipeline replays the same records: same decisions, not "replay" of itself.
+        let mut again = stage.instantiate("verify", &env).unwrap();
+        assert_eq!(decide(&mut again, records(&msgs, 0)), want);
+        // After a durable flush and reopening the store too.
+        db.flush(true).unwrap();
+        drop((op, again, env, stage));
+        drop(db);
+        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let env = StageEnv {
+            state: Some(db),
+            ..Default::default()
+        };
+        let stage = VerifyStage::new(VerifyConfig {
+            clock_skew_seconds: 60,
+            rate_limit: Some(RateLimit {
+                max: 3,
+                window_seconds: 3600,
+            }),
+        });
+        let mut op = stage.instantiate("verify", &env).unwrap();
+        assert_eq!(decide(&mut op, records(&msgs, 0)), want);
+        // New records are decided against the durable state.
+        let later = vec![(signed(1, "j", 2, u, u + 10), ms)];
+        let mut op2 = stage.instantiate("verify", &env).unwrap();
+        assert_eq!(decide(&mut op2, records(&later, 100)), ["replay"]);
+    }
+}
