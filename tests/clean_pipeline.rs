@@ -133,6 +133,53 @@ fn check(
     by_reason
 }
 
+/// The `contributors` view agrees with the tables it summarises, and its reputation is the
+/// credibility update c ← 0.85·c + 0.15·outcome over each contributor's decisions in order.
+fn check_contributors(store: &Path) {
+    assert_eq!(
+        sql_count(
+            store,
+            "SELECT CAST(sum(accepted) AS BIGINT) FROM contributors"
+        ),
+        sql_count(store, "SELECT count(*) FROM legal")
+    );
+    assert_eq!(
+        sql_count(
+            store,
+            "SELECT CAST(sum(penalty_points) AS BIGINT) FROM contributors"
+        ),
+        sql_count(
+            store,
+            "SELECT CAST(coalesce(sum(points), 0) AS BIGINT) FROM penalties"
+        )
+    );
+    let top = sql(
+        store,
+        "SELECT address, reputation, rejected_by_reason FROM contributors ORDER BY rejected DESC, address LIMIT 1",
+    );
+    let address = top[0]["address"].as_str().unwrap().to_string();
+    let outcomes = sql(
+        store,
+        &format!(
+            "SELECT outcome FROM (\
+               SELECT kafka_timestamp AS ts, kafka_partition AS p, kafka_offset AS o, 1.0 AS outcome FROM legal WHERE contributor = '{address}' \
+               UNION ALL SELECT kafka_timestamp, kafka_partition, kafka_offset, 0.0 FROM rejections WHERE contributor = '{address}' \
+                 AND reason NOT IN ('malformed', 'schema', 'oversized', 'unknown_datanet', 'bad_signature', 'signer_mismatch')) \
+             ORDER BY ts, p, o"
+        ),
+    );
+    let mut c = 0.5f64;
+    for o in &outcomes {
+        c = 0.85 * c + 0.15 * o["outcome"].as_f64().unwrap();
+    }
+    let got = top[0]["reputation"].as_f64().unwrap();
+    assert!(
+        (got - c).abs() < 1e-9,
+        "{address}: view says {got}, the update rule {c}"
+    );
+    assert!(!top[0]["rejected_by_reason"].as_str().unwrap().is_empty());
+}
+
 fn check_penalties(store: &Path, by_reason: &BTreeMap<String, usize>) {
     // Each flood copy penalises its sender, and each flooded original its contributor once.
     let floods = by_reason.get("flood").copied().unwrap_or(0) as i64;
@@ -235,6 +282,7 @@ fn every_planted_case_is_decided_as_planted() {
         );
     }
     check_penalties(&store, &by_reason);
+    check_contributors(&store);
     // Near duplicates carry their estimated similarity.
     assert_eq!(
         sql_count(&store, "SELECT count(*) FROM rejections WHERE reason = 'duplicate_near' AND (similarity < 0.8 OR similarity > 1.0 OR similarity IS NULL)"),

@@ -368,12 +368,19 @@ pub fn check_text(
     if n > 0 {
         // Shares of the text's length, as datatrove computes them.
         let word_chars = text.len().max(1) as f64;
+        let hashes: Vec<u64> = words
+            .iter()
+            .map(|w| xxhash_rust::xxh3::xxh3_64(w.as_bytes()))
+            .collect();
+        let lens: Vec<usize> = words.iter().map(|w| w.len()).collect();
+        let mut scratch: PrehashedMap<(usize, usize)> =
+            PrehashedMap::with_capacity_and_hasher(n, Default::default());
         for (g, thr, rule) in [
             (2, 0.20, "gopher_rep_top_2gram"),
             (3, 0.18, "gopher_rep_top_3gram"),
             (4, 0.16, "gopher_rep_top_4gram"),
         ] {
-            let share = top_ngram_share(&words, g) / word_chars;
+            let share = top_ngram_share(&hashes, &lens, g, &mut scratch) / word_chars;
             if share > thr {
                 fire!(rule, "the most frequent {g}-gram covers {share:.3} of the characters, more than {thr}");
             }
@@ -386,7 +393,7 @@ pub fn check_text(
             (9, 0.11, "gopher_rep_dup_9gram"),
             (10, 0.10, "gopher_rep_dup_10gram"),
         ] {
-            let share = dup_ngram_chars(&words, g) / word_chars;
+            let share = dup_ngram_chars(&hashes, &lens, g, &mut scratch) / word_chars;
             if share > thr {
                 fire!(
                     rule,
@@ -433,7 +440,7 @@ pub fn check_text(
     }
 
     // Language.
-    if !languages.is_empty() {
+    if !languages.is_empty() && !plainly_english(&words, languages) {
         if let Some(info) = whatlang::detect(text) {
             if info.confidence() >= config.min_language_confidence
                 && !languages.contains(&info.lang())
@@ -453,6 +460,38 @@ pub fn check_text(
         }
     }
     None
+}
+
+/// English function words: in English prose about four words in ten are one of these.
+const ENGLISH_FUNCTION_WORDS: &[&str] = &[
+    "the", "of", "and", "to", "a", "in", "that", "is", "was", "it", "for", "on", "with", "as",
+    "by", "at", "be", "this", "had", "not", "are", "but", "from", "or", "have", "an", "they",
+    "which", "were", "been", "has", "their", "would", "there", "its", "after", "before", "into",
+    "than", "only", "also", "under", "between", "against",
+];
+
+/// A fast path for the language rule when English is allowed: Latin-script text in which at
+/// least a quarter of the words are English function words is English, without running
+/// whatlang's trigram models (most of the cost of the rules otherwise).
+fn plainly_english(words: &[&str], languages: &[whatlang::Lang]) -> bool {
+    if !languages.contains(&whatlang::Lang::Eng) || words.len() < 8 {
+        return false;
+    }
+    let mut latin = 0usize;
+    let mut function = 0usize;
+    for w in words {
+        let w = w.trim_matches(|c: char| !c.is_alphanumeric());
+        if w.is_ascii() {
+            latin += 1;
+        }
+        if ENGLISH_FUNCTION_WORDS
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(w))
+        {
+            function += 1;
+        }
+    }
+    latin * 10 >= words.len() * 9 && function * 4 >= words.len()
 }
 
 fn count_sentences(text: &str) -> usize {
@@ -485,43 +524,86 @@ fn duplicates(items: &[&str]) -> (usize, usize) {
     (dup, chars)
 }
 
+/// A hasher for keys that are already 64-bit hashes.
+#[derive(Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type PrehashedMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<Prehashed>>;
+
+/// The hash of the `n` words from `i` (words are given by their hashes).
+fn ngram_hash(hashes: &[u64], i: usize, n: usize) -> u64 {
+    let mut h = n as u64;
+    for w in &hashes[i..i + n] {
+        h = (h.rotate_left(23) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    h ^ (h >> 29)
+}
+
 /// Characters of the most frequent repeated `n`-gram times its count (datatrove's
 /// `find_top_duplicate`; n-grams are the words joined without spaces).
-fn top_ngram_share(words: &[&str], n: usize) -> f64 {
-    if words.len() < n {
+fn top_ngram_share(
+    hashes: &[u64],
+    lens: &[usize],
+    n: usize,
+    counts: &mut PrehashedMap<(usize, usize)>,
+) -> f64 {
+    counts.clear();
+    if hashes.len() < n {
         return 0.0;
     }
-    let mut counts: HashMap<&[&str], usize> = HashMap::new();
-    for w in words.windows(n) {
-        *counts.entry(w).or_default() += 1;
+    for i in 0..=hashes.len() - n {
+        let e = counts.entry(ngram_hash(hashes, i, n)).or_insert((0, i));
+        e.0 += 1;
     }
     // Only an n-gram that repeats counts (datatrove also counts a single occurrence, which on a
     // short text such as a Q&A pair is most of the text).
     counts
-        .iter()
-        .filter(|(_, c)| **c > 1)
-        .map(|(g, c)| (c, g.iter().map(|w| w.len()).sum::<usize>()))
+        .values()
+        .filter(|(c, _)| *c > 1)
+        .map(|(c, at)| c * lens[*at..*at + n].iter().sum::<usize>())
         .max()
-        .map_or(0, |(c, len)| len * c) as f64
+        .unwrap_or(0) as f64
 }
 
 /// Characters of repeated `n`-grams: scanning left to right, an n-gram seen before adds its
 /// characters and the scan jumps past it (datatrove's `find_all_duplicate`).
-fn dup_ngram_chars(words: &[&str], n: usize) -> f64 {
-    if words.len() < n {
+fn dup_ngram_chars(
+    hashes: &[u64],
+    lens: &[usize],
+    n: usize,
+    seen: &mut PrehashedMap<(usize, usize)>,
+) -> f64 {
+    seen.clear();
+    if hashes.len() < n {
         return 0.0;
     }
-    let mut seen: std::collections::HashSet<&[&str]> = std::collections::HashSet::new();
     let mut chars = 0usize;
     let mut i = 0;
-    while i + n <= words.len() {
-        let g = &words[i..i + n];
-        if seen.contains(g) {
-            chars += g.iter().map(|w| w.len()).sum::<usize>();
-            i += n;
-        } else {
-            seen.insert(g);
-            i += 1;
+    while i + n <= hashes.len() {
+        let g = ngram_hash(hashes, i, n);
+        match seen.entry(g) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                chars += lens[i..i + n].iter().sum::<usize>();
+                i += n;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((0, 0));
+                i += 1;
+            }
         }
     }
     chars as f64

@@ -46,6 +46,12 @@ pub struct StateDb {
     max_pending: std::sync::atomic::AtomicUsize,
     /// A non-durable flush happened since the last durable one.
     undurable: std::sync::atomic::AtomicBool,
+    /// Flushes are numbered as they begin; `durable_done` is the number of the latest one after
+    /// which everything was durable. A durable flush asked for at a barrier is skipped when one
+    /// that began after the request has completed (group commit: the partitions' barriers share
+    /// fsyncs).
+    tickets: std::sync::atomic::AtomicU64,
+    durable_done: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -102,6 +108,8 @@ impl StateDb {
             gate: RwLock::new(()),
             max_pending: std::sync::atomic::AtomicUsize::new(64 << 20),
             undurable: std::sync::atomic::AtomicBool::new(false),
+            tickets: std::sync::atomic::AtomicU64::new(0),
+            durable_done: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -128,13 +136,23 @@ impl StateDb {
     /// `durable`.
     pub fn flush(&self, durable: bool) -> Result<(), StateError> {
         use std::sync::atomic::Ordering::SeqCst;
+        // Every decision of the caller was made before this point: any flush that begins later
+        // covers them.
+        let needed = self.tickets.load(SeqCst) + 1;
         let _one = lock(&self.flush_lock);
+        if durable && self.durable_done.load(SeqCst) >= needed {
+            return Ok(());
+        }
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let ticket = self.tickets.fetch_add(1, SeqCst) + 1;
         let writers = lock(&self.writers).clone();
         // Nothing pending and nothing written since the last durable flush: nothing to do (the
         // stages of one barrier all ask; the first one's flush covers the others).
         let pending: usize = writers.iter().map(|w| w.pending_bytes()).sum();
         if pending == 0 && (!durable || !self.undurable.load(SeqCst)) {
+            if durable {
+                self.durable_done.fetch_max(ticket, SeqCst);
+            }
             return Ok(());
         }
         let err = |e: redb::Error| StateError::db(&self.path, e);
@@ -150,6 +168,9 @@ impl StateDb {
         }
         txn.commit().map_err(|e| err(e.into()))?;
         self.undurable.store(!durable, SeqCst);
+        if durable {
+            self.durable_done.fetch_max(ticket, SeqCst);
+        }
         Ok(())
     }
 

@@ -11,7 +11,8 @@ use datafusion::datasource::listing::{
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use ledgerflow_schemas::tables::{
-    contribution_schema, rejection_schema, PARTITION_COLUMN, REJECTIONS_TABLE,
+    contribution_schema, penalty_schema, rejection_schema, PARTITION_COLUMN, PENALTIES_TABLE,
+    REJECTIONS_TABLE,
 };
 use ledgerflow_store::layout::valid_table_name;
 use ledgerflow_store::{Store, TableKind};
@@ -85,6 +86,7 @@ fn known_schema(kind: TableKind, name: &str) -> Option<SchemaRef> {
     match (kind, name) {
         (TableKind::Datanet, _) => Some(contribution_schema()),
         (TableKind::Engine, REJECTIONS_TABLE) => Some(rejection_schema()),
+        (TableKind::Engine, PENALTIES_TABLE) => Some(penalty_schema()),
         _ => None,
     }
 }
@@ -106,7 +108,6 @@ pub async fn session(store: &Store) -> Result<SessionContext, SqlError> {
         ctx.register_object_store(&base, store.object_store());
     }
     let tables = list_tables(store).await?;
-    let have_rejections = tables.iter().any(|t| t.name == REJECTIONS_TABLE);
     for t in &tables {
         if t.files == 0 {
             continue;
@@ -124,12 +125,74 @@ pub async fn session(store: &Store) -> Result<SessionContext, SqlError> {
             .with_schema(schema);
         ctx.register_table(t.name.as_str(), Arc::new(ListingTable::try_new(config)?))?;
     }
-    if !have_rejections {
-        // An empty `rejections` table, so queries over it work before anything was refused.
-        let empty = datafusion::datasource::MemTable::try_new(rejection_schema(), vec![vec![]])?;
-        ctx.register_table(REJECTIONS_TABLE, Arc::new(empty))?;
+    // Empty engine tables, so queries over them work before anything was refused.
+    for (name, schema) in [
+        (REJECTIONS_TABLE, rejection_schema()),
+        (PENALTIES_TABLE, penalty_schema()),
+    ] {
+        if !tables.iter().any(|t| t.name == name && t.files > 0) {
+            let empty = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
+            ctx.register_table(name, Arc::new(empty))?;
+        }
     }
+    let datanets: Vec<&str> = tables
+        .iter()
+        .filter(|t| t.kind == TableKind::Datanet && t.files > 0)
+        .map(|t| t.name.as_str())
+        .collect();
+    ctx.sql(&contributors_view(&datanets)).await?;
     Ok(ctx)
+}
+
+/// Refusals that happen before the signature is verified: they say nothing about the address in
+/// `contributor`, so they do not count for it.
+const UNAUTHENTICATED: &str =
+    "'malformed', 'schema', 'oversized', 'unknown_datanet', 'bad_signature', 'signer_mismatch'";
+
+/// The `contributors` view: per address, contributions accepted (in every Datanet) and refused
+/// after their signature held (in total and by reason), reputation, and penalty points.
+///
+/// Reputation is a credibility updated per decision in Kafka order (timestamp, partition,
+/// offset): c ← 0.85·c + 0.15·outcome, outcome 1 for an accepted contribution and 0 for a
+/// refused one, starting from 0.5; in closed form c = 0.5·0.85ⁿ + Σₖ 0.15·0.85ⁿ⁻ᵏ·outcomeₖ.
+pub fn contributors_view(datanets: &[&str]) -> String {
+    let mut parts: Vec<String> = datanets
+        .iter()
+        .map(|d| {
+            format!(
+                "SELECT contributor, kafka_timestamp AS ts, kafka_partition AS p, kafka_offset AS o, \
+                 1.0 AS outcome, CAST(NULL AS VARCHAR) AS reason FROM \"{d}\""
+            )
+        })
+        .collect();
+    parts.push(format!(
+        "SELECT contributor, kafka_timestamp, kafka_partition, kafka_offset, 0.0, reason \
+         FROM {REJECTIONS_TABLE} WHERE contributor IS NOT NULL AND reason NOT IN ({UNAUTHENTICATED})"
+    ));
+    format!(
+        "CREATE VIEW contributors AS \
+         WITH decisions AS ({}), \
+         ranked AS (SELECT *, row_number() OVER (PARTITION BY contributor ORDER BY ts, p, o) AS r, \
+                           count(*) OVER (PARTITION BY contributor) AS n FROM decisions), \
+         rep AS (SELECT contributor, \
+                        CAST(sum(CASE WHEN outcome = 1.0 THEN 1 ELSE 0 END) AS BIGINT) AS accepted, \
+                        CAST(sum(CASE WHEN outcome = 0.0 THEN 1 ELSE 0 END) AS BIGINT) AS rejected, \
+                        0.5 * power(0.85, CAST(max(n) AS DOUBLE)) \
+                          + sum(0.15 * power(0.85, CAST(n - r AS DOUBLE)) * outcome) AS reputation \
+                 FROM ranked GROUP BY contributor), \
+         by_reason AS (SELECT contributor, \
+                              string_agg(reason || ':' || CAST(c AS VARCHAR), ',' ORDER BY reason) AS rejected_by_reason \
+                       FROM (SELECT contributor, reason, count(*) AS c FROM decisions \
+                             WHERE reason IS NOT NULL GROUP BY contributor, reason) GROUP BY contributor), \
+         pts AS (SELECT contributor, CAST(sum(points) AS BIGINT) AS penalty_points \
+                 FROM {PENALTIES_TABLE} GROUP BY contributor) \
+         SELECT rep.contributor AS address, accepted, rejected, \
+                coalesce(by_reason.rejected_by_reason, '') AS rejected_by_reason, reputation, \
+                coalesce(pts.penalty_points, 0) AS penalty_points \
+         FROM rep LEFT JOIN by_reason ON rep.contributor = by_reason.contributor \
+                  LEFT JOIN pts ON rep.contributor = pts.contributor",
+        parts.join(" UNION ALL ")
+    )
 }
 
 /// Runs one read-only statement.
