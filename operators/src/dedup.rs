@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use ledgerflow_schemas::hex0x;
-use redb::{MultimapTableDefinition, ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, TableDefinition};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
@@ -448,8 +448,9 @@ struct NearPending {
 }
 
 impl NearTables {
-    fn buckets_def(&self) -> MultimapTableDefinition<'_, u64, u64> {
-        MultimapTableDefinition::new(&self.buckets)
+    /// (band key, doc id) → (): a bucket is the range of one band key.
+    fn buckets_def(&self) -> TableDefinition<'_, (u64, u64), ()> {
+        TableDefinition::new(&self.buckets)
     }
     fn docs_def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
         TableDefinition::new(&self.docs)
@@ -462,10 +463,10 @@ impl NearTables {
 impl Flushable for NearTables {
     fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
         let p = std::mem::take(&mut *lock(&self.pending));
-        let mut b = txn.open_multimap_table(self.buckets_def())?;
+        let mut b = txn.open_table(self.buckets_def())?;
         for (k, ids) in &p.buckets {
             for id in ids {
-                b.insert(*k, *id)?;
+                b.insert((*k, *id), ())?;
             }
         }
         let mut d = txn.open_table(self.docs_def())?;
@@ -500,12 +501,12 @@ impl StageFactory for NearStage {
             .shared
             .get_or_init(db, || {
                 let tables = Arc::new(NearTables {
-                    buckets: format!("{stage}/buckets"),
+                    buckets: format!("{stage}/band_index"),
                     docs: format!("{stage}/docs"),
                     meta: format!("{stage}/meta"),
                     pending: Mutex::new(NearPending::default()),
                 });
-                db.ensure_multimap(tables.buckets_def())?;
+                db.ensure_table(tables.buckets_def())?;
                 db.ensure_table(tables.docs_def())?;
                 db.ensure_table(tables.meta_def())?;
                 db.register(tables.clone());
@@ -549,7 +550,7 @@ impl Near {
         i: usize,
         sig: &[u32],
         keys: &[u64],
-        buckets: &redb::ReadOnlyMultimapTable<u64, u64>,
+        buckets: &redb::ReadOnlyTable<(u64, u64), ()>,
         docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
         next_from_disk: u64,
         pending: &mut NearPending,
@@ -562,8 +563,8 @@ impl Near {
             if let Some(ids) = pending.buckets.get(k) {
                 candidates.extend(ids.iter().copied());
             }
-            for id in buckets.get(*k)? {
-                candidates.insert(id?.value());
+            for entry in buckets.range((*k, 0)..=(*k, u64::MAX))? {
+                candidates.insert(entry?.0.value().1);
             }
         }
         let mut best: Option<Match> = None;
@@ -660,7 +661,7 @@ impl Operator for Near {
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
         let buckets = txn
-            .open_multimap_table(state.tables.buckets_def())
+            .open_table(state.tables.buckets_def())
             .map_err(|e| err(&e))?;
         let docs = txn
             .open_table(state.tables.docs_def())

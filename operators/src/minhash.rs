@@ -20,6 +20,21 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 pub fn normalize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut pending_space = false;
+    if text.is_ascii() {
+        // ASCII is already NFC and lowercases byte by byte.
+        for b in text.bytes() {
+            if (b as char).is_whitespace() {
+                pending_space = !out.is_empty();
+            } else {
+                if pending_space {
+                    out.push(' ');
+                    pending_space = false;
+                }
+                out.push(b.to_ascii_lowercase() as char);
+            }
+        }
+        return out;
+    }
     for c in text.nfc().flat_map(char::to_lowercase) {
         if c.is_whitespace() {
             pending_space = !out.is_empty();
@@ -337,6 +352,20 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn ascii_fast_path_matches_the_general_one(text in "[\\x00-\\x7f]{0,200}") {
+            let general: String = {
+                let mut out = String::new();
+                let mut pending = false;
+                for c in text.nfc().flat_map(char::to_lowercase) {
+                    if c.is_whitespace() { pending = !out.is_empty(); }
+                    else { if pending { out.push(' '); pending = false; } out.push(c); }
+                }
+                out
+            };
+            prop_assert_eq!(normalize(&text), general);
+        }
+
         #[test]
         fn arbitrary_text_never_panics(text in ".*") {
             let mut mh = MinHasher::new(16, 5, 1);
