@@ -226,24 +226,7 @@ fn every_planted_case_is_decided_as_planted() {
     let store = dir.path().join("store");
     let (data, expected) = gen_planted(dir.path(), count, 0.2, 1000);
     let topic = unique_topic("planted");
-    kafka_client(&[
-        "create",
-        "--brokers",
-        &brokers,
-        "--topic",
-        &topic,
-        "--partitions",
-        "1",
-    ]);
-    kafka_client(&[
-        "create",
-        "--brokers",
-        &brokers,
-        "--topic",
-        &format!("{topic}.dlq"),
-        "--partitions",
-        "1",
-    ]);
+    create_topic_with_dlq(&brokers, &topic, 1);
     kafka_client(&[
         "produce",
         "--brokers",

@@ -28,24 +28,7 @@ fn n_in_n_out_with_dead_letters_and_metrics() {
     assert!(malformed > 100, "planted {malformed} malformed");
 
     let topic = unique_topic("contributions.legal");
-    kafka_client(&[
-        "create",
-        "--brokers",
-        &brokers,
-        "--topic",
-        &topic,
-        "--partitions",
-        "4",
-    ]);
-    kafka_client(&[
-        "create",
-        "--brokers",
-        &brokers,
-        "--topic",
-        &format!("{topic}.dlq"),
-        "--partitions",
-        "1",
-    ]);
+    create_topic_with_dlq(&brokers, &topic, 4);
     let out = kafka_client(&[
         "produce",
         "--brokers",

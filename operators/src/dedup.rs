@@ -33,9 +33,10 @@ use crate::minhash::{band_keys, estimate, exact_key, normalize, MinHasher};
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
 };
-use crate::rows::{contribution_passthrough, keep_rows, Rows};
+use crate::rows::{contribution_passthrough, route, Rows};
 use crate::state::{
-    lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb, StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb,
+    StateError,
 };
 
 /// Cross-contributor duplicates within a window are a flood.
@@ -333,78 +334,52 @@ impl Operator for Exact {
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
         let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
-        let mut keep = Vec::with_capacity(rows.len());
         let mut pending = lock(&state.tables.pending);
-        for (i, key) in keys.iter().enumerate() {
-            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
-            let decision = match self
-                .replay
-                .take(&state.journal, &state.db, partition, offset)
-                .map_err(|e| err(&e))?
-            {
-                Some(d) => d,
-                None => {
-                    let found = match pending.get(key) {
-                        Some(o) => Some(o.clone()),
-                        None => table
-                            .get(key.as_slice())
-                            .map_err(|e| err(&e))?
-                            .and_then(|v| Original::decode(v.value())),
-                    };
-                    match found {
-                        None => {
-                            pending.insert(*key, Original::of_row(&rows, i));
-                            Decision::Accept
-                        }
-                        Some(mut orig) => {
-                            let (d, changed) = duplicate_decision(
-                                self.config.flood.as_ref(),
-                                "duplicate_exact",
-                                &rows,
-                                i,
-                                &mut orig,
-                                None,
-                            );
-                            if changed {
-                                pending.insert(*key, orig);
-                            }
-                            d
-                        }
+        let flood = self.config.flood.as_ref();
+        let decisions = decide_rows(
+            &state.db,
+            &state.journal,
+            &mut self.replay,
+            &rows,
+            &stage,
+            |i| {
+                let key = &keys[i];
+                let found = match pending.get(key) {
+                    Some(o) => Some(o.clone()),
+                    None => table
+                        .get(key.as_slice())?
+                        .and_then(|v| Original::decode(v.value())),
+                };
+                Ok(match found {
+                    None => {
+                        pending.insert(*key, Original::of_row(&rows, i));
+                        Decision::Accept
                     }
-                }
-            };
-            state.journal.record(partition, offset, &decision);
-            match &decision {
-                Decision::Accept => keep.push(i as u32),
-                d => ctx.reject(rows.rejection(i, d, true)),
-            }
-        }
+                    Some(mut orig) => {
+                        let (d, changed) =
+                            duplicate_decision(flood, "duplicate_exact", &rows, i, &mut orig, None);
+                        if changed {
+                            pending.insert(*key, orig);
+                        }
+                        d
+                    }
+                })
+            },
+        )?;
         drop(pending);
         drop(_deciding);
         state.db.relieve_memory().map_err(|e| err(&e))?;
-        out.collect(
-            keep_rows(&batch, &keep).map_err(|source| OperatorError::Arrow {
-                stage: stage.clone(),
-                source,
-            })?,
-        );
+        route(&batch, &rows, &decisions, |_| true, ctx, out)?;
         Ok(())
     }
 
     fn on_barrier(
         &mut self,
-        barrier: &Barrier,
+        b: &Barrier,
         ctx: &mut OperatorContext,
         _out: &mut Collector,
     ) -> Result<Option<Vec<u8>>, OperatorError> {
-        self.state
-            .journal
-            .committed_below(ctx.partition, barrier.first_offset);
-        self.state
-            .db
-            .flush(true)
-            .map_err(|e| op_err(&ctx.stage, e))?;
-        Ok(None)
+        barrier(&self.state.db, &self.state.journal, b, ctx)
     }
 }
 
@@ -672,60 +647,36 @@ impl Operator for Near {
             .get("next_id")
             .map_err(|e| err(&e))?
             .map_or(0, |v| v.value());
-        let mut keep = Vec::with_capacity(rows.len());
         let mut pending = lock(&state.tables.pending);
-        for (i, (sig, keys)) in prepared.iter().enumerate() {
-            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
-            let decision = match self
-                .replay
-                .take(&state.journal, &state.db, partition, offset)
-                .map_err(|e| err(&e))?
-            {
-                Some(d) => d,
-                None => self
-                    .decide(
-                        &rows,
-                        i,
-                        sig,
-                        keys,
-                        &buckets,
-                        &docs,
-                        next_from_disk,
-                        &mut pending,
-                    )
-                    .map_err(|e| err(&e))?,
-            };
-            state.journal.record(partition, offset, &decision);
-            match &decision {
-                Decision::Accept => keep.push(i as u32),
-                d => ctx.reject(rows.rejection(i, d, true)),
-            }
-        }
+        let mut replay = std::mem::take(&mut self.replay);
+        let decisions = decide_rows(&state.db, &state.journal, &mut replay, &rows, &stage, |i| {
+            let (sig, keys) = &prepared[i];
+            self.decide(
+                &rows,
+                i,
+                sig,
+                keys,
+                &buckets,
+                &docs,
+                next_from_disk,
+                &mut pending,
+            )
+        });
+        self.replay = replay;
+        let decisions = decisions?;
         drop(pending);
         drop(_deciding);
         state.db.relieve_memory().map_err(|e| err(&e))?;
-        out.collect(
-            keep_rows(&batch, &keep).map_err(|source| OperatorError::Arrow {
-                stage: stage.clone(),
-                source,
-            })?,
-        );
+        route(&batch, &rows, &decisions, |_| true, ctx, out)?;
         Ok(())
     }
 
     fn on_barrier(
         &mut self,
-        barrier: &Barrier,
+        b: &Barrier,
         ctx: &mut OperatorContext,
         _out: &mut Collector,
     ) -> Result<Option<Vec<u8>>, OperatorError> {
-        self.state
-            .journal
-            .committed_below(ctx.partition, barrier.first_offset);
-        self.state
-            .db
-            .flush(true)
-            .map_err(|e| op_err(&ctx.stage, e))?;
-        Ok(None)
+        barrier(&self.state.db, &self.state.journal, b, ctx)
     }
 }

@@ -11,7 +11,7 @@ use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use ledgerflow_schemas::tables::{contribution_schema, missing_columns};
 
-use crate::operator::OperatorError;
+use crate::operator::{Collector, OperatorContext, OperatorError};
 use crate::rejection::Rejection;
 use crate::state::Decision;
 
@@ -128,6 +128,31 @@ impl<'a> Rows<'a> {
             ..Default::default()
         }
     }
+}
+
+/// Sends the rows `decisions` accept downstream and refuses the others; `authenticated(i)`: the
+/// signature of row `i` has been verified, so its contributor can be penalised.
+pub fn route(
+    batch: &RecordBatch,
+    rows: &Rows<'_>,
+    decisions: &[Decision],
+    authenticated: impl Fn(usize) -> bool,
+    ctx: &mut OperatorContext,
+    out: &mut Collector,
+) -> Result<(), OperatorError> {
+    let mut keep = Vec::with_capacity(decisions.len());
+    for (i, d) in decisions.iter().enumerate() {
+        match d {
+            Decision::Accept => keep.push(i as u32),
+            d => ctx.reject(rows.rejection(i, d, authenticated(i))),
+        }
+    }
+    let kept = keep_rows(batch, &keep).map_err(|source| OperatorError::Arrow {
+        stage: ctx.stage.clone(),
+        source,
+    })?;
+    out.collect(kept);
+    Ok(())
 }
 
 /// The rows of `batch` at `keep` (all of it when nothing was dropped).

@@ -214,22 +214,6 @@ impl StateDb {
         txn.commit().map_err(|e| StateError::db(&self.path, e))?;
         Ok(())
     }
-
-    /// Makes sure the multimap `table` exists.
-    pub fn ensure_multimap<K: redb::Key + 'static, V: redb::Key + 'static>(
-        &self,
-        def: redb::MultimapTableDefinition<'_, K, V>,
-    ) -> Result<(), StateError> {
-        let _one = lock(&self.flush_lock);
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| StateError::db(&self.path, e))?;
-        txn.open_multimap_table(def)
-            .map_err(|e| StateError::db(&self.path, e))?;
-        txn.commit().map_err(|e| StateError::db(&self.path, e))?;
-        Ok(())
-    }
 }
 
 /// The one shared state of a stateful stage, made when its first instance is.
@@ -447,6 +431,46 @@ impl Replay {
         }
         Ok(self.decisions.remove(&offset))
     }
+}
+
+/// Decides the rows of a batch in order: a replayed record repeats its journaled decision, any
+/// other gets `decide(i)`; every decision is journaled (in the same flush as the state `decide`
+/// changed). Call it holding [`StateDb::deciding`].
+pub fn decide_rows(
+    db: &StateDb,
+    journal: &Journal,
+    replay: &mut Replay,
+    rows: &crate::rows::Rows<'_>,
+    stage: &str,
+    mut decide: impl FnMut(usize) -> Result<Decision, redb::Error>,
+) -> Result<Vec<Decision>, OperatorError> {
+    (0..rows.len())
+        .map(|i| {
+            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
+            let decision = match replay
+                .take(journal, db, partition, offset)
+                .map_err(|e| op_err(stage, e))?
+            {
+                Some(d) => d,
+                None => decide(i).map_err(|e| op_err(stage, e))?,
+            };
+            journal.record(partition, offset, &decision);
+            Ok(decision)
+        })
+        .collect()
+}
+
+/// The barrier of a stateful stage: journal entries of `partition` below the barrier's first
+/// offset are committed, and the state is made durable before the partition's checkpoint.
+pub fn barrier(
+    db: &StateDb,
+    journal: &Journal,
+    barrier: &crate::operator::Barrier,
+    ctx: &crate::operator::OperatorContext,
+) -> Result<Option<Vec<u8>>, OperatorError> {
+    journal.committed_below(ctx.partition, barrier.first_offset);
+    db.flush(true).map_err(|e| op_err(&ctx.stage, e))?;
+    Ok(None)
 }
 
 /// Converts a state failure into an operator failure of `stage` (the job restarts from its last

@@ -30,10 +30,11 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
 };
-use crate::rows::{contribution_passthrough, keep_rows, Rows};
+use crate::rows::{contribution_passthrough, route, Rows};
 use crate::signature::{parse_signature_hex, recover_signer};
 use crate::state::{
-    lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb, StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb,
+    StateError,
 };
 
 /// Configuration of a `verify_signatures` stage.
@@ -369,55 +370,43 @@ impl Operator for Verify {
                 .map_err(|e| err(&e))?,
             _txn: &txn,
         };
-        let mut keep = Vec::with_capacity(rows.len());
         let mut pending = lock(&state.tables.pending);
-        for (i, sig) in sigs.into_iter().enumerate() {
-            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
-            let replayed = self
-                .replay
-                .take(&state.journal, &state.db, partition, offset)
-                .map_err(|e| err(&e))?;
-            let (decision, authenticated) = match (replayed, sig) {
-                (Some(d), SigOutcome::Valid(_)) => (d, true),
-                (Some(d), SigOutcome::Refused(_)) => (d, false),
-                (None, SigOutcome::Refused(d)) => (d, false),
-                (None, SigOutcome::Valid(signer)) => (
-                    self.decide(&rows, i, &signer, &read, &mut pending)
-                        .map_err(|e| err(&e))?,
-                    true,
-                ),
-            };
-            state.journal.record(partition, offset, &decision);
-            match &decision {
-                Decision::Accept => keep.push(i as u32),
-                d => ctx.reject(rows.rejection(i, d, authenticated)),
-            }
-        }
+        let mut replay = std::mem::take(&mut self.replay);
+        let decisions =
+            decide_rows(
+                &state.db,
+                &state.journal,
+                &mut replay,
+                &rows,
+                &stage,
+                |i| match &sigs[i] {
+                    SigOutcome::Refused(d) => Ok(d.clone()),
+                    SigOutcome::Valid(signer) => self.decide(&rows, i, signer, &read, &mut pending),
+                },
+            );
+        self.replay = replay;
+        let decisions = decisions?;
         drop(pending);
         drop(_deciding);
         state.db.relieve_memory().map_err(|e| err(&e))?;
-        let kept = keep_rows(&batch, &keep).map_err(|source| OperatorError::Arrow {
-            stage: stage.clone(),
-            source,
-        })?;
-        out.collect(kept);
+        route(
+            &batch,
+            &rows,
+            &decisions,
+            |i| matches!(sigs[i], SigOutcome::Valid(_)),
+            ctx,
+            out,
+        )?;
         Ok(())
     }
 
     fn on_barrier(
         &mut self,
-        barrier: &Barrier,
+        b: &Barrier,
         ctx: &mut OperatorContext,
         _out: &mut Collector,
     ) -> Result<Option<Vec<u8>>, OperatorError> {
-        self.state
-            .journal
-            .committed_below(ctx.partition, barrier.first_offset);
-        self.state
-            .db
-            .flush(true)
-            .map_err(|e| op_err(&ctx.stage, e))?;
-        Ok(None)
+        barrier(&self.state.db, &self.state.journal, b, ctx)
     }
 }
 

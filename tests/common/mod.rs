@@ -87,6 +87,22 @@ pub fn kafka_client(args: &[&str]) -> Output {
     run_ok(Command::new(python()).arg(script).args(args))
 }
 
+/// Creates `topic` with `partitions` and its dead-letter topic `<topic>.dlq` (one partition)
+/// through the outside client.
+pub fn create_topic_with_dlq(brokers: &str, topic: &str, partitions: u32) {
+    for (name, n) in [(topic.to_string(), partitions), (format!("{topic}.dlq"), 1)] {
+        kafka_client(&[
+            "create",
+            "--brokers",
+            brokers,
+            "--topic",
+            &name,
+            "--partitions",
+            &n.to_string(),
+        ]);
+    }
+}
+
 /// A topic name no other test uses.
 pub fn unique_topic(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
