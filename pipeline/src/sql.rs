@@ -166,8 +166,8 @@ pub fn contributors_view(datanets: &[&str]) -> String {
         })
         .collect();
     parts.push(format!(
-        "SELECT contributor, kafka_timestamp, kafka_partition, kafka_offset, 0.0, reason \
-         FROM {REJECTIONS_TABLE} WHERE contributor IS NOT NULL AND reason NOT IN ({UNAUTHENTICATED})"
+        "SELECT contributor, kafka_timestamp AS ts, kafka_partition AS p, kafka_offset AS o, \
+         0.0 AS outcome, reason FROM {REJECTIONS_TABLE} WHERE contributor IS NOT NULL AND reason NOT IN ({UNAUTHENTICATED})"
     ));
     format!(
         "CREATE VIEW contributors AS \
@@ -243,4 +243,29 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String, S
             String::from_utf8_lossy(&w.into_inner()).into_owned()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn engine_tables_and_contributors_answer_on_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        for q in [
+            "SELECT count(*) FROM contributors",
+            "SELECT count(*) FROM rejections",
+            "SELECT count(*) FROM penalties",
+        ] {
+            let batches = query(&store, q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e}"));
+            assert_eq!(
+                batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+                1,
+                "{q}"
+            );
+        }
+    }
 }
