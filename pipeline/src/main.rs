@@ -428,12 +428,15 @@ fn real_main(command: Command) -> Result<i32> {
             let store = Store::open(&store)?;
             let rt = io_runtime()?;
             let batches = rt.block_on(sql::query(&store, &query))?;
-            let text = sql::format(&batches, format)?;
-            print!("{text}");
+            let mut text = sql::format(&batches, format)?;
             if !text.ends_with('\n') {
-                println!();
+                text.push('\n');
             }
-            Ok(0)
+            // A reader that stops early (`| head`) is not an error.
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(0),
+            }
         }
         Command::Datanet { what } => datanet(what),
         Command::Schema => {
