@@ -18,7 +18,7 @@
 //! State is shared by all partitions of the job (see [`crate::state`] for how replays stay
 //! identical across crashes).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::minhash::{band_keys, estimate, exact_key, normalize, MinHasher};
 use crate::operator::{
-    Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
+    Barrier, Collector, Operator, OperatorContext, OperatorError, Settled, StageEnv, StageFactory,
 };
 use crate::rows::{contribution_passthrough, route, Rows};
 use crate::state::{
@@ -159,6 +159,13 @@ impl Original {
         })
     }
 
+    /// Both describe the same contribution row.
+    fn same_row(&self, other: &Original) -> bool {
+        self.content_hash == other.content_hash
+            && self.contributor == other.contributor
+            && self.ts_ms == other.ts_ms
+    }
+
     fn of_row(rows: &Rows<'_>, i: usize) -> Original {
         Original {
             content_hash: hex0x::decode_fixed::<32>(rows.content_hash.value(i))
@@ -248,7 +255,8 @@ pub struct ExactState {
 
 struct ExactTables {
     keys: String,
-    pending: Mutex<HashMap<[u8; 16], Original>>,
+    /// Changes since the last flush: `None` forgets a key (its text was refused downstream).
+    pending: Mutex<HashMap<[u8; 16], Option<Original>>>,
 }
 
 impl ExactTables {
@@ -263,9 +271,16 @@ impl Flushable for ExactTables {
         let mut t = txn.open_table(self.def())?;
         let mut buf = Vec::with_capacity(ORIGINAL_BYTES);
         for (k, v) in &pending {
-            buf.clear();
-            v.encode(&mut buf);
-            t.insert(k.as_slice(), buf.as_slice())?;
+            match v {
+                Some(v) => {
+                    buf.clear();
+                    v.encode(&mut buf);
+                    t.insert(k.as_slice(), buf.as_slice())?;
+                }
+                None => {
+                    t.remove(k.as_slice())?;
+                }
+            }
         }
         Ok(())
     }
@@ -306,6 +321,7 @@ impl StageFactory for ExactStage {
             config: self.config.clone(),
             state,
             replay: Replay::default(),
+            unsettled: HashMap::new(),
         }))
     }
 }
@@ -315,6 +331,9 @@ pub struct Exact {
     config: ExactConfig,
     state: Arc<ExactState>,
     replay: Replay,
+    /// Keys of the rows this instance passed that have not yet settled downstream, by Kafka
+    /// position: a later stage may still refuse them (see [`Operator::on_settled`]).
+    unsettled: HashMap<(i32, i64), ([u8; 16], Original)>,
 }
 
 impl Operator for Exact {
@@ -336,40 +355,95 @@ impl Operator for Exact {
         let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
         let mut pending = lock(&state.tables.pending);
         let flood = self.config.flood.as_ref();
+        // Keys passed and not yet settled, this batch's included.
+        let mut unsettled: HashSet<[u8; 16]> = self.unsettled.values().map(|(k, _)| *k).collect();
         let decisions = decide_rows(
             &state.db,
             &state.journal,
             &mut self.replay,
             &rows,
             &stage,
-            |i| {
+            |i, replayed| {
                 let key = &keys[i];
+                if let Some(d) = replayed {
+                    if matches!(d, Decision::Accept) {
+                        unsettled.insert(*key);
+                    }
+                    return Ok(Some(d));
+                }
+                if unsettled.contains(key) {
+                    // A copy of a text passed moments ago: whether that one is kept decides
+                    // what this one is, so wait until it has settled.
+                    return Ok(None);
+                }
                 let found = match pending.get(key) {
-                    Some(o) => Some(o.clone()),
+                    Some(o) => o.clone(),
                     None => table
                         .get(key.as_slice())?
                         .and_then(|v| Original::decode(v.value())),
                 };
-                Ok(match found {
+                Ok(Some(match found {
                     None => {
-                        pending.insert(*key, Original::of_row(&rows, i));
+                        pending.insert(*key, Some(Original::of_row(&rows, i)));
+                        unsettled.insert(*key);
                         Decision::Accept
                     }
                     Some(mut orig) => {
                         let (d, changed) =
                             duplicate_decision(flood, "duplicate_exact", &rows, i, &mut orig, None);
                         if changed {
-                            pending.insert(*key, orig);
+                            pending.insert(*key, Some(orig));
                         }
                         d
                     }
-                })
+                }))
             },
         )?;
         drop(pending);
         drop(_deciding);
+        for (i, d) in decisions.iter().enumerate() {
+            if matches!(d, Decision::Accept) {
+                let position = (rows.partition.value(i), rows.offset.value(i));
+                self.unsettled
+                    .insert(position, (keys[i], Original::of_row(&rows, i)));
+            }
+        }
         state.db.relieve_memory().map_err(|e| err(&e))?;
         route(&batch, &rows, &decisions, |_| true, ctx, out)?;
+        defer_rest(&batch, decisions.len(), out);
+        Ok(())
+    }
+
+    fn on_settled(
+        &mut self,
+        settled: &Settled,
+        ctx: &mut OperatorContext,
+    ) -> Result<(), OperatorError> {
+        let refused = take_settled(&mut self.unsettled, settled);
+        if refused.is_empty() {
+            return Ok(());
+        }
+        // Refused after this stage: the Datanet does not hold them, so they are no originals.
+        let state = &self.state;
+        let err = |e: &dyn std::fmt::Display| op_err(&ctx.stage, e);
+        let _deciding = state.db.deciding();
+        let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
+        let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
+        let mut pending = lock(&state.tables.pending);
+        for (key, row) in refused {
+            let stored = match pending.get(&key) {
+                Some(o) => o.clone(),
+                None => table
+                    .get(key.as_slice())
+                    .map_err(|e| err(&e))?
+                    .and_then(|v| Original::decode(v.value())),
+            };
+            // Only if the key still names this row (a replay after a crash may find a later
+            // original in its place).
+            if stored.is_some_and(|o| o.same_row(&row)) {
+                pending.insert(key, None);
+            }
+        }
         Ok(())
     }
 
@@ -417,9 +491,45 @@ struct NearTables {
 #[derive(Default)]
 struct NearPending {
     buckets: HashMap<u64, Vec<u64>>,
-    /// doc id → original ‖ truncated signature (u32 little-endian).
-    docs: HashMap<u64, Vec<u8>>,
+    /// doc id → original ‖ truncated signature (u32 little-endian); `None` forgets the document
+    /// (it was refused downstream).
+    docs: HashMap<u64, Option<Vec<u8>>>,
+    /// Band entries of forgotten documents to delete.
+    forgotten: Vec<(u64, u64)>,
     next_id: Option<u64>,
+}
+
+impl NearPending {
+    /// The record of document `id`: pending, else on disk; `None` when it does not exist or was
+    /// forgotten.
+    fn doc(
+        &self,
+        id: u64,
+        docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
+    ) -> Result<Option<Vec<u8>>, redb::Error> {
+        Ok(match self.docs.get(&id) {
+            Some(r) => r.clone(),
+            None => docs.get(id)?.map(|v| v.value().to_vec()),
+        })
+    }
+
+    /// The ids of the documents sharing a band key with `keys`.
+    fn candidates(
+        &self,
+        keys: &[u64],
+        buckets: &redb::ReadOnlyTable<(u64, u64), ()>,
+    ) -> Result<BTreeSet<u64>, redb::Error> {
+        let mut candidates = BTreeSet::new();
+        for k in keys {
+            if let Some(ids) = self.buckets.get(k) {
+                candidates.extend(ids.iter().copied());
+            }
+            for entry in buckets.range((*k, 0)..=(*k, u64::MAX))? {
+                candidates.insert(entry?.0.value().1);
+            }
+        }
+        Ok(candidates)
+    }
 }
 
 impl NearTables {
@@ -444,9 +554,15 @@ impl Flushable for NearTables {
                 b.insert((*k, *id), ())?;
             }
         }
+        for key in &p.forgotten {
+            b.remove(key)?;
+        }
         let mut d = txn.open_table(self.docs_def())?;
         for (id, v) in &p.docs {
-            d.insert(*id, v.as_slice())?;
+            match v {
+                Some(v) => d.insert(*id, v.as_slice())?,
+                None => d.remove(*id)?,
+            };
         }
         if let Some(next) = p.next_id {
             txn.open_table(self.meta_def())?.insert("next_id", next)?;
@@ -457,7 +573,12 @@ impl Flushable for NearTables {
 
     fn pending_bytes(&self) -> usize {
         let p = lock(&self.pending);
-        p.buckets.len() * 48 + p.docs.values().map(|v| v.len() + 48).sum::<usize>()
+        p.buckets.len() * 48
+            + p.forgotten.len() * 16
+            + p.docs
+                .values()
+                .map(|v| v.as_ref().map_or(0, Vec::len) + 48)
+                .sum::<usize>()
     }
 }
 
@@ -498,6 +619,7 @@ impl StageFactory for NearStage {
             config: c.clone(),
             state,
             replay: Replay::default(),
+            unsettled: HashMap::new(),
         }))
     }
 }
@@ -508,6 +630,9 @@ pub struct Near {
     hasher: MinHasher,
     state: Arc<NearState>,
     replay: Replay,
+    /// The rows this instance passed that have not yet settled downstream, by Kafka position:
+    /// their band keys and original.
+    unsettled: HashMap<(i32, i64), (Vec<u64>, Original)>,
 }
 
 /// The best accepted match of a signature among its LSH candidates.
@@ -529,31 +654,29 @@ impl Near {
         docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
         next_from_disk: u64,
         pending: &mut NearPending,
-    ) -> Result<Decision, redb::Error> {
+        unsettled: &[Original],
+        batch_ids: &mut HashSet<u64>,
+    ) -> Result<Option<Decision>, redb::Error> {
         if keys.is_empty() {
-            return Ok(Decision::Accept);
-        }
-        let mut candidates = BTreeSet::new();
-        for k in keys {
-            if let Some(ids) = pending.buckets.get(k) {
-                candidates.extend(ids.iter().copied());
-            }
-            for entry in buckets.range((*k, 0)..=(*k, u64::MAX))? {
-                candidates.insert(entry?.0.value().1);
-            }
+            return Ok(Some(Decision::Accept));
         }
         let mut best: Option<Match> = None;
-        for id in candidates {
-            let record = match pending.docs.get(&id) {
-                Some(r) => r.clone(),
-                None => match docs.get(id)? {
-                    Some(v) => v.value().to_vec(),
-                    None => continue,
-                },
+        for id in pending.candidates(keys, buckets)? {
+            let Some(record) = pending.doc(id, docs)? else {
+                continue;
             };
-            let stored = stored_signature(&record);
-            let s = estimate(&stored, sig);
-            if s >= self.config.threshold && best.as_ref().is_none_or(|b| s > b.similarity) {
+            let s = estimate(&stored_signature(&record), sig);
+            if s < self.config.threshold {
+                continue;
+            }
+            let unsettled = batch_ids.contains(&id)
+                || Original::decode(&record)
+                    .is_some_and(|o| unsettled.iter().any(|u| u.same_row(&o)));
+            if unsettled {
+                // A near copy of a text passed moments ago: wait until that one has settled.
+                return Ok(None);
+            }
+            if best.as_ref().is_none_or(|b| s > b.similarity) {
                 best = Some(Match {
                     id,
                     similarity: s,
@@ -568,7 +691,7 @@ impl Near {
         }) = best
         {
             let Some(mut orig) = Original::decode(&record) else {
-                return Ok(Decision::Accept);
+                return Ok(Some(Decision::Accept));
             };
             let (d, changed) = duplicate_decision(
                 self.config.flood.as_ref(),
@@ -582,9 +705,9 @@ impl Near {
                 let mut head = Vec::with_capacity(ORIGINAL_BYTES);
                 orig.encode(&mut head);
                 record[..ORIGINAL_BYTES].copy_from_slice(&head);
-                pending.docs.insert(id, record);
+                pending.docs.insert(id, Some(record));
             }
-            return Ok(d);
+            return Ok(Some(d));
         }
         let id = pending.next_id.unwrap_or(next_from_disk);
         pending.next_id = Some(id + 1);
@@ -593,11 +716,28 @@ impl Near {
         for v in sig {
             record.extend_from_slice(&v.to_le_bytes());
         }
-        pending.docs.insert(id, record);
+        pending.docs.insert(id, Some(record));
         for k in keys {
             pending.buckets.entry(*k).or_default().push(id);
         }
-        Ok(Decision::Accept)
+        batch_ids.insert(id);
+        Ok(Some(Decision::Accept))
+    }
+}
+
+/// Removes the rows that have settled from `unsettled`; returns those refused.
+fn take_settled<V>(unsettled: &mut HashMap<(i32, i64), V>, settled: &Settled) -> Vec<V> {
+    unsettled
+        .extract_if(|p, _| settled.all || settled.refused.contains(p) || settled.kept.contains(p))
+        .filter(|(p, _)| settled.refused.contains(p))
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Hands the rows of `batch` from `decided` on back to the runtime (see [`Collector::defer`]).
+fn defer_rest(batch: &RecordBatch, decided: usize, out: &mut Collector) {
+    if decided < batch.num_rows() {
+        out.defer(batch.slice(decided, batch.num_rows() - decided));
     }
 }
 
@@ -649,25 +789,95 @@ impl Operator for Near {
             .map_or(0, |v| v.value());
         let mut pending = lock(&state.tables.pending);
         let mut replay = std::mem::take(&mut self.replay);
-        let decisions = decide_rows(&state.db, &state.journal, &mut replay, &rows, &stage, |i| {
-            let (sig, keys) = &prepared[i];
-            self.decide(
-                &rows,
-                i,
-                sig,
-                keys,
-                &buckets,
-                &docs,
-                next_from_disk,
-                &mut pending,
-            )
-        });
+        // Passed and not yet settled: earlier batches' rows and this batch's replayed ones, and
+        // the documents this batch added.
+        let mut unsettled: Vec<Original> =
+            self.unsettled.values().map(|(_, o)| o.clone()).collect();
+        let mut batch_ids = HashSet::new();
+        let decisions = decide_rows(
+            &state.db,
+            &state.journal,
+            &mut replay,
+            &rows,
+            &stage,
+            |i, replayed| {
+                if let Some(d) = replayed {
+                    if matches!(d, Decision::Accept) {
+                        unsettled.push(Original::of_row(&rows, i));
+                    }
+                    return Ok(Some(d));
+                }
+                let (sig, keys) = &prepared[i];
+                self.decide(
+                    &rows,
+                    i,
+                    sig,
+                    keys,
+                    &buckets,
+                    &docs,
+                    next_from_disk,
+                    &mut pending,
+                    &unsettled,
+                    &mut batch_ids,
+                )
+            },
+        );
+        drop(unsettled);
         self.replay = replay;
         let decisions = decisions?;
         drop(pending);
         drop(_deciding);
+        for (i, d) in decisions.iter().enumerate() {
+            if matches!(d, Decision::Accept) {
+                let position = (rows.partition.value(i), rows.offset.value(i));
+                let keys = prepared[i].1.clone();
+                self.unsettled
+                    .insert(position, (keys, Original::of_row(&rows, i)));
+            }
+        }
         state.db.relieve_memory().map_err(|e| err(&e))?;
         route(&batch, &rows, &decisions, |_| true, ctx, out)?;
+        defer_rest(&batch, decisions.len(), out);
+        Ok(())
+    }
+
+    fn on_settled(
+        &mut self,
+        settled: &Settled,
+        ctx: &mut OperatorContext,
+    ) -> Result<(), OperatorError> {
+        let refused = take_settled(&mut self.unsettled, settled);
+        if refused.is_empty() {
+            return Ok(());
+        }
+        // Refused after this stage: forget the document and its band entries. It is found
+        // through its band keys (a replayed row does not know the id it was given).
+        let state = &self.state;
+        let err = |e: &dyn std::fmt::Display| op_err(&ctx.stage, e);
+        let _deciding = state.db.deciding();
+        let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
+        let buckets = txn
+            .open_table(state.tables.buckets_def())
+            .map_err(|e| err(&e))?;
+        let docs = txn
+            .open_table(state.tables.docs_def())
+            .map_err(|e| err(&e))?;
+        let mut pending = lock(&state.tables.pending);
+        for (keys, row) in refused {
+            for id in pending.candidates(&keys, &buckets).map_err(|e| err(&e))? {
+                let record = pending.doc(id, &docs).map_err(|e| err(&e))?;
+                if !record.is_some_and(|r| Original::decode(&r).is_some_and(|o| o.same_row(&row))) {
+                    continue;
+                }
+                pending.docs.insert(id, None);
+                for k in &keys {
+                    if let Some(ids) = pending.buckets.get_mut(k) {
+                        ids.retain(|x| *x != id);
+                    }
+                    pending.forgotten.push((*k, id));
+                }
+            }
+        }
         Ok(())
     }
 

@@ -23,7 +23,7 @@ pub mod state;
 pub mod verify;
 
 pub use operator::{
-    Barrier, Collector, Message, Operator, OperatorContext, OperatorError, Signal, StageEnv,
-    StageFactory,
+    Barrier, Collector, Message, Operator, OperatorContext, OperatorError, Positions, Settled,
+    Signal, StageEnv, StageFactory,
 };
 pub use rejection::{Rejection, RejectionBatchBuilder};

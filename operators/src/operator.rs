@@ -136,6 +136,7 @@ impl OperatorContext {
 #[derive(Debug, Default)]
 pub struct Collector {
     batches: Vec<RecordBatch>,
+    deferred: Vec<RecordBatch>,
 }
 
 impl Collector {
@@ -147,6 +148,41 @@ impl Collector {
 
     pub fn take(&mut self) -> Vec<RecordBatch> {
         std::mem::take(&mut self.batches)
+    }
+
+    /// Hands input rows back undecided: the runtime delivers them to the stage again once
+    /// everything it emitted so far has settled downstream (see [`Operator::on_settled`]).
+    pub fn defer(&mut self, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.deferred.push(batch);
+        }
+    }
+
+    pub fn take_deferred(&mut self) -> Vec<RecordBatch> {
+        std::mem::take(&mut self.deferred)
+    }
+}
+
+/// Kafka positions (partition, offset) of rows.
+pub type Positions = std::collections::HashSet<(i32, i64)>;
+
+/// What became of rows since the last [`Operator::on_settled`].
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Refused by some stage.
+    pub refused: Positions,
+    /// Written to a sink.
+    pub kept: Positions,
+    /// Nothing is in flight any more: a row neither refused nor kept was dropped on purpose
+    /// (or its stage holds it), and waiting for it would never end.
+    pub all: bool,
+}
+
+impl Settled {
+    pub fn clear(&mut self) {
+        self.refused.clear();
+        self.kept.clear();
+        self.all = false;
     }
 }
 
@@ -194,6 +230,18 @@ pub trait Operator: Send {
         _epoch: u64,
         _ctx: &mut OperatorContext,
         _out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    /// The batches in flight have gone as far as they go: `settled` says which rows (by Kafka
+    /// position, from every stage) were refused and which were written to a sink since the last
+    /// call, so a stage that remembers what it passed can forget what the pipeline did not keep.
+    /// Rows [`Collector::defer`]red are delivered again after this.
+    fn on_settled(
+        &mut self,
+        _settled: &Settled,
+        _ctx: &mut OperatorContext,
     ) -> Result<(), OperatorError> {
         Ok(())
     }

@@ -433,31 +433,32 @@ impl Replay {
     }
 }
 
-/// Decides the rows of a batch in order: a replayed record repeats its journaled decision, any
-/// other gets `decide(i)`; every decision is journaled (in the same flush as the state `decide`
-/// changed). Call it holding [`StateDb::deciding`].
+/// Decides the rows of a batch in order: `decide(i, replayed)` gets the journaled decision of a
+/// replayed record in `replayed` (and must repeat it) and `None` for any other; every decision
+/// is journaled (in the same flush as the state `decide` changed). `decide` returns `None` to
+/// stop before row `i` (its outcome hangs on rows not yet settled downstream): the decisions
+/// returned are then those of the rows before it. Call it holding [`StateDb::deciding`].
 pub fn decide_rows(
     db: &StateDb,
     journal: &Journal,
     replay: &mut Replay,
     rows: &crate::rows::Rows<'_>,
     stage: &str,
-    mut decide: impl FnMut(usize) -> Result<Decision, redb::Error>,
+    mut decide: impl FnMut(usize, Option<Decision>) -> Result<Option<Decision>, redb::Error>,
 ) -> Result<Vec<Decision>, OperatorError> {
-    (0..rows.len())
-        .map(|i| {
-            let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
-            let decision = match replay
-                .take(journal, db, partition, offset)
-                .map_err(|e| op_err(stage, e))?
-            {
-                Some(d) => d,
-                None => decide(i).map_err(|e| op_err(stage, e))?,
-            };
-            journal.record(partition, offset, &decision);
-            Ok(decision)
-        })
-        .collect()
+    let mut decisions = Vec::with_capacity(rows.len());
+    for i in 0..rows.len() {
+        let (partition, offset) = (rows.partition.value(i), rows.offset.value(i));
+        let replayed = replay
+            .take(journal, db, partition, offset)
+            .map_err(|e| op_err(stage, e))?;
+        let Some(decision) = decide(i, replayed).map_err(|e| op_err(stage, e))? else {
+            break;
+        };
+        journal.record(partition, offset, &decision);
+        decisions.push(decision);
+    }
+    Ok(decisions)
 }
 
 /// The barrier of a stateful stage: journal entries of `partition` below the barrier's first

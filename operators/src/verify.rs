@@ -372,18 +372,20 @@ impl Operator for Verify {
         };
         let mut pending = lock(&state.tables.pending);
         let mut replay = std::mem::take(&mut self.replay);
-        let decisions =
-            decide_rows(
-                &state.db,
-                &state.journal,
-                &mut replay,
-                &rows,
-                &stage,
-                |i| match &sigs[i] {
-                    SigOutcome::Refused(d) => Ok(d.clone()),
-                    SigOutcome::Valid(signer) => self.decide(&rows, i, signer, &read, &mut pending),
-                },
-            );
+        let decisions = decide_rows(
+            &state.db,
+            &state.journal,
+            &mut replay,
+            &rows,
+            &stage,
+            |i, replayed| match &sigs[i] {
+                _ if replayed.is_some() => Ok(replayed),
+                SigOutcome::Refused(d) => Ok(Some(d.clone())),
+                SigOutcome::Valid(signer) => {
+                    self.decide(&rows, i, signer, &read, &mut pending).map(Some)
+                }
+            },
+        );
         self.replay = replay;
         let decisions = decisions?;
         drop(pending);

@@ -14,7 +14,10 @@
 //! - `expired`: validity window long over at the Kafka time;
 //! - `flood`: a fresh text from one contributor followed by near copies from two others;
 //! - `quality:min_words` (a two-sentence text) and `quality:c4_lorem_ipsum`;
-//! - `malformed` / `schema`: a broken message (as [`crate::gen`] makes them).
+//! - `malformed` / `schema`: a broken message (as [`crate::gen`] makes them);
+//! - `copy_of_refused`: a planted near duplicate or quality refusal sent again, same text, by the
+//!   same contributor with a new nonce: refused for the same reason as the first (a text the
+//!   Datanet refused is no original, so it is not a `duplicate_exact` of anything).
 //!
 //! The manifest has one tab-separated line per message: line index (= Kafka offset when the
 //! stream goes to one partition in order), expected reason or `accept`, the content hash of the
@@ -75,6 +78,7 @@ const KINDS: &[&str] = &[
     "quality:min_words",
     "quality:c4_lorem_ipsum",
     "malformed",
+    "copy_of_refused",
 ];
 
 fn shingles(text: &str) -> Vec<u64> {
@@ -130,6 +134,8 @@ pub fn write_planted(
     let mut seen_texts: HashSet<String> = HashSet::new();
     let mut line_no = 0u64;
     let mut pending: Vec<(Unsigned, Expected)> = Vec::new();
+    // Planted refusals to send again: (wallet, text, expected).
+    let mut refused: Vec<(usize, String, Expected)> = Vec::new();
 
     let emit = |pending: &mut Vec<(Unsigned, Expected)>,
                 pool: &mut Vec<Accepted>,
@@ -272,6 +278,9 @@ pub fn write_planted(
                         jaccard: Some(j),
                     }
                 };
+                if kind == "duplicate_near" {
+                    refused.push((dw, t.clone(), exp.clone()));
+                }
                 pending.push((unsigned(dw, next_nonce(dw), t, i), exp));
             }
             "signer_mismatch" | "bad_signature" => {
@@ -349,28 +358,33 @@ pub fn write_planted(
                     (Some(_), Some(second)) => long[..second].to_string(),
                     _ => long.split(' ').take(20).collect::<Vec<_>>().join(" "),
                 };
-                pending.push((
-                    unsigned(w, next_nonce(w), t, i),
-                    Expected {
-                        reason: kind.into(),
-                        duplicate_of: None,
-                        jaccard: None,
-                    },
-                ));
+                let exp = Expected {
+                    reason: kind.into(),
+                    duplicate_of: None,
+                    jaccard: None,
+                };
+                refused.push((w, t.clone(), exp.clone()));
+                pending.push((unsigned(w, next_nonce(w), t, i), exp));
             }
             "quality:c4_lorem_ipsum" => {
                 let t = format!(
                     "{} Lorem ipsum dolor sit amet.",
                     fresh(&mut rng, &mut seen_texts)
                 );
-                pending.push((
-                    unsigned(w, next_nonce(w), t, i),
-                    Expected {
-                        reason: kind.into(),
-                        duplicate_of: None,
-                        jaccard: None,
-                    },
-                ));
+                let exp = Expected {
+                    reason: kind.into(),
+                    duplicate_of: None,
+                    jaccard: None,
+                };
+                refused.push((w, t.clone(), exp.clone()));
+                pending.push((unsigned(w, next_nonce(w), t, i), exp));
+            }
+            "copy_of_refused" => {
+                if refused.is_empty() {
+                    continue;
+                }
+                let (rw, t, exp) = refused[rng.gen_range(0..refused.len())].clone();
+                pending.push((unsigned(rw, next_nonce(rw), t, i), exp));
             }
             _ => {
                 let t = fresh(&mut rng, &mut seen_texts);
@@ -473,7 +487,10 @@ mod tests {
             assert_eq!(f[0], n.to_string());
             *kinds.entry(f[1].to_string()).or_insert(0) += 1;
         }
-        for k in KINDS.iter().filter(|k| **k != "far") {
+        for k in KINDS
+            .iter()
+            .filter(|k| !["far", "copy_of_refused"].contains(*k))
+        {
             assert!(kinds.contains_key(*k), "no {k} planted: {kinds:?}");
         }
     }

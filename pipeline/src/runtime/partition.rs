@@ -12,7 +12,7 @@ use ledgerflow_operators::metrics::{self, micros, Registry, Value};
 use ledgerflow_operators::StageEnv;
 use ledgerflow_operators::{
     Barrier, Collector, Message, Operator, OperatorContext, Rejection, RejectionBatchBuilder,
-    Signal,
+    Settled, Signal,
 };
 use ledgerflow_schemas::tables::{
     penalty_schema, rejection_schema, PENALTIES_TABLE, REJECTIONS_TABLE,
@@ -240,43 +240,83 @@ impl PartitionPipeline {
         Ok(())
     }
 
-    /// Delivers `batch`, the output of node `from`, to everything downstream of it.
+    /// Delivers `batch`, the output of node `from`, to everything downstream of it. When the
+    /// queue has drained, every stage hears which rows were refused and which kept
+    /// ([`Operator::on_settled`]), then the rows stages deferred are delivered again, until none
+    /// is left.
     fn push_from(&mut self, from: usize, batch: RecordBatch) -> Result<(), RunError> {
-        let mut queue: VecDeque<(usize, RecordBatch)> = VecDeque::new();
+        // (node, batch, first delivery: counted in rows_in)
+        let mut queue: VecDeque<(usize, RecordBatch, bool)> = VecDeque::new();
         self.node_metrics[from]
             .rows_out
             .add(batch.num_rows() as u64);
         for &d in &self.downstream[from] {
-            queue.push_back((d, batch.clone()));
+            queue.push_back((d, batch.clone(), true));
         }
-        while let Some((i, batch)) = queue.pop_front() {
-            let m = &self.node_metrics[i];
-            m.rows_in.add(batch.num_rows() as u64);
-            let started = Instant::now();
-            match &mut self.nodes[i] {
-                Node::Source => {}
-                Node::Sink(sink) => sink.write(&batch)?,
-                Node::Op(op, ctx) => {
-                    let mut out = Collector::default();
-                    op.process_batch(batch, ctx, &mut out)?;
-                    let rejected = ctx.take_rejections();
-                    for (name, kind, n) in ctx.take_counts() {
-                        self.metrics
-                            .series(name, &[("stage", &ctx.stage), ("kind", kind)])
-                            .add(n);
+        let mut settled = Settled::default();
+        let mut last_deferred = usize::MAX;
+        loop {
+            let mut deferred: Vec<(usize, RecordBatch)> = Vec::new();
+            // Stages that deferred rows this round: what reaches them after waits too, so each
+            // stage still sees its rows in order.
+            let mut holding = vec![false; self.nodes.len()];
+            while let Some((i, batch, first)) = queue.pop_front() {
+                let m = &self.node_metrics[i];
+                if first {
+                    m.rows_in.add(batch.num_rows() as u64);
+                }
+                if holding[i] {
+                    deferred.push((i, batch));
+                    continue;
+                }
+                let started = Instant::now();
+                match &mut self.nodes[i] {
+                    Node::Source => {}
+                    Node::Sink(sink) => {
+                        sink.write(&batch)?;
+                        settled.kept.extend(positions(&batch));
                     }
-                    for b in out.take() {
-                        m.rows_out.add(b.num_rows() as u64);
-                        for &d in &self.downstream[i] {
-                            queue.push_back((d, b.clone()));
+                    Node::Op(op, ctx) => {
+                        let mut out = Collector::default();
+                        op.process_batch(batch, ctx, &mut out)?;
+                        let rejected = ctx.take_rejections();
+                        for (name, kind, n) in ctx.take_counts() {
+                            self.metrics
+                                .series(name, &[("stage", &ctx.stage), ("kind", kind)])
+                                .add(n);
                         }
+                        for b in out.take() {
+                            m.rows_out.add(b.num_rows() as u64);
+                            for &d in &self.downstream[i] {
+                                queue.push_back((d, b.clone(), true));
+                            }
+                        }
+                        let held = out.take_deferred();
+                        holding[i] = !held.is_empty();
+                        deferred.extend(held.into_iter().map(|b| (i, b)));
+                        settled
+                            .refused
+                            .extend(rejected.iter().map(|r| (r.kafka_partition, r.kafka_offset)));
+                        self.reject(rejected)?;
                     }
-                    self.reject(rejected)?;
+                }
+                self.node_metrics[i].busy.add(micros(started.elapsed()));
+            }
+            // Deferred rows wait for rows that never settle (a stage dropped them): stop waiting.
+            let waiting: usize = deferred.iter().map(|(_, b)| b.num_rows()).sum();
+            settled.all = deferred.is_empty() || waiting >= last_deferred;
+            last_deferred = waiting;
+            for node in &mut self.nodes {
+                if let Node::Op(op, ctx) = node {
+                    op.on_settled(&settled, ctx)?;
                 }
             }
-            self.node_metrics[i].busy.add(micros(started.elapsed()));
+            settled.clear();
+            if deferred.is_empty() {
+                return Ok(());
+            }
+            queue.extend(deferred.into_iter().map(|(i, b)| (i, b, false)));
         }
-        Ok(())
     }
 
     fn each_op(
@@ -461,4 +501,19 @@ impl PartitionPipeline {
         self.rows_rejected = 0;
         Ok(())
     }
+}
+
+/// The Kafka positions of the rows of `batch`, when it has them.
+fn positions(batch: &RecordBatch) -> impl Iterator<Item = (i32, i64)> + '_ {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type};
+    let p = batch
+        .column_by_name("kafka_partition")
+        .and_then(|c| c.as_primitive_opt::<Int32Type>());
+    let o = batch
+        .column_by_name("kafka_offset")
+        .and_then(|c| c.as_primitive_opt::<Int64Type>());
+    p.zip(o)
+        .into_iter()
+        .flat_map(|(p, o)| p.values().iter().copied().zip(o.values().iter().copied()))
 }
