@@ -322,6 +322,7 @@ impl StageFactory for ExactStage {
             state,
             replay: Replay::default(),
             unsettled: HashMap::new(),
+            carry: Carry::default(),
         }))
     }
 }
@@ -334,6 +335,7 @@ pub struct Exact {
     /// Keys of the rows this instance passed that have not yet settled downstream, by Kafka
     /// position: a later stage may still refuse them (see [`Operator::on_settled`]).
     unsettled: HashMap<(i32, i64), ([u8; 16], Original)>,
+    carry: Carry<[u8; 16]>,
 }
 
 impl Operator for Exact {
@@ -346,9 +348,9 @@ impl Operator for Exact {
         let rows = Rows::new(&batch, &ctx.stage)?;
         let stage = ctx.stage.clone();
         let err = |e: &dyn std::fmt::Display| op_err(&stage, e);
-        let keys: Vec<[u8; 16]> = (0..rows.len())
-            .map(|i| exact_key(rows.datanet.value(i), &normalize(rows.content.value(i))))
-            .collect();
+        let keys: Vec<[u8; 16]> = self.carry.take_or(&rows, |i| {
+            exact_key(rows.datanet.value(i), &normalize(rows.content.value(i)))
+        });
         let state = self.state.clone();
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
@@ -411,6 +413,7 @@ impl Operator for Exact {
         state.db.relieve_memory().map_err(|e| err(&e))?;
         route(&batch, &rows, &decisions, |_| true, ctx, out)?;
         defer_rest(&batch, decisions.len(), out);
+        self.carry.keep_rest(&rows, decisions.len(), keys);
         Ok(())
     }
 
@@ -620,6 +623,7 @@ impl StageFactory for NearStage {
             state,
             replay: Replay::default(),
             unsettled: HashMap::new(),
+            carry: Carry::default(),
         }))
     }
 }
@@ -633,6 +637,7 @@ pub struct Near {
     /// The rows this instance passed that have not yet settled downstream, by Kafka position:
     /// their band keys and original.
     unsettled: HashMap<(i32, i64), (Vec<u64>, Original)>,
+    carry: Carry<(Vec<u32>, Vec<u64>)>,
 }
 
 /// The best accepted match of a signature among its LSH candidates.
@@ -734,6 +739,42 @@ fn take_settled<V>(unsettled: &mut HashMap<(i32, i64), V>, settled: &Settled) ->
         .collect()
 }
 
+/// Per-row work done before deciding (keys, signatures), kept for the rows [`defer_rest`] hands
+/// back, so a row is prepared once however many times it waits.
+struct Carry<T> {
+    carried: Option<((i32, i64), Vec<T>)>,
+}
+
+impl<T> Default for Carry<T> {
+    fn default() -> Self {
+        Self { carried: None }
+    }
+}
+
+impl<T> Carry<T> {
+    /// The prepared values of `rows`: carried over when `rows` is the rest handed back last
+    /// time, else `prepare(i)` for each row.
+    fn take_or(&mut self, rows: &Rows<'_>, prepare: impl FnMut(usize) -> T) -> Vec<T> {
+        if let Some((first, v)) = self.carried.take() {
+            if !rows.is_empty()
+                && first == (rows.partition.value(0), rows.offset.value(0))
+                && v.len() == rows.len()
+            {
+                return v;
+            }
+        }
+        (0..rows.len()).map(prepare).collect()
+    }
+
+    /// Keeps the values of the rows from `decided` on (the ones deferred).
+    fn keep_rest(&mut self, rows: &Rows<'_>, decided: usize, mut values: Vec<T>) {
+        if decided < rows.len() {
+            let first = (rows.partition.value(decided), rows.offset.value(decided));
+            self.carried = Some((first, values.split_off(decided)));
+        }
+    }
+}
+
 /// Hands the rows of `batch` from `decided` on back to the runtime (see [`Collector::defer`]).
 fn defer_rest(batch: &RecordBatch, decided: usize, out: &mut Collector) {
     if decided < batch.num_rows() {
@@ -762,16 +803,15 @@ impl Operator for Near {
         let err = |e: &dyn std::fmt::Display| op_err(&stage, e);
         // Signatures and band keys outside the lock.
         let (bands, r) = (self.config.bands, self.config.rows);
-        let prepared: Vec<(Vec<u32>, Vec<u64>)> = (0..rows.len())
-            .map(|i| {
-                let sig = self.hasher.signature(rows.content.value(i));
-                if sig.0.iter().all(|v| *v == u64::MAX) {
-                    return (Vec::new(), Vec::new());
-                }
-                let scope = xxh3_64(rows.datanet.value(i).as_bytes());
-                (sig.truncated(), band_keys(&sig.0, bands, r, scope))
-            })
-            .collect();
+        let hasher = &mut self.hasher;
+        let prepared: Vec<(Vec<u32>, Vec<u64>)> = self.carry.take_or(&rows, |i| {
+            let sig = hasher.signature(rows.content.value(i));
+            if sig.0.iter().all(|v| *v == u64::MAX) {
+                return (Vec::new(), Vec::new());
+            }
+            let scope = xxh3_64(rows.datanet.value(i).as_bytes());
+            (sig.truncated(), band_keys(&sig.0, bands, r, scope))
+        });
         let state = self.state.clone();
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
@@ -838,6 +878,7 @@ impl Operator for Near {
         state.db.relieve_memory().map_err(|e| err(&e))?;
         route(&batch, &rows, &decisions, |_| true, ctx, out)?;
         defer_rest(&batch, decisions.len(), out);
+        self.carry.keep_rest(&rows, decisions.len(), prepared);
         Ok(())
     }
 

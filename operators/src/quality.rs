@@ -613,7 +613,8 @@ fn dup_ngram_chars(
 // Unicode `\b` would keep the lazy DFA off any text with a non-ASCII letter (milliseconds per
 // message instead of microseconds, found by fuzzing).
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i-u)\b[a-z0-9._%+\-]+@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}\b").expect("regex")
+    Regex::new(r"(?i-u)\b[a-z0-9._%+\-]+@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}\b")
+        .expect("regex")
 });
 static IPV4: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
