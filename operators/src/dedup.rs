@@ -403,18 +403,13 @@ impl Operator for Exact {
         )?;
         drop(pending);
         drop(_deciding);
-        for (i, d) in decisions.iter().enumerate() {
-            if matches!(d, Decision::Accept) {
-                let position = (rows.partition.value(i), rows.offset.value(i));
-                self.unsettled
-                    .insert(position, (keys[i], Original::of_row(&rows, i)));
-            }
-        }
-        state.db.relieve_memory().map_err(|e| err(&e))?;
-        route(&batch, &rows, &decisions, |_| true, ctx, out)?;
-        defer_rest(&batch, decisions.len(), out);
-        self.carry.keep_rest(&rows, decisions.len(), keys);
-        Ok(())
+        let done = Decided {
+            batch: &batch,
+            rows: &rows,
+            decisions: &decisions,
+            db: &state.db,
+        };
+        done.finish(&mut self.unsettled, &mut self.carry, keys, |k| *k, ctx, out)
     }
 
     fn on_settled(
@@ -739,8 +734,8 @@ fn take_settled<V>(unsettled: &mut HashMap<(i32, i64), V>, settled: &Settled) ->
         .collect()
 }
 
-/// Per-row work done before deciding (keys, signatures), kept for the rows [`defer_rest`] hands
-/// back, so a row is prepared once however many times it waits.
+/// Per-row work done before deciding (keys, signatures), kept for the rows [`Decided::finish`]
+/// hands back, so a row is prepared once however many times it waits.
 struct Carry<T> {
     carried: Option<((i32, i64), Vec<T>)>,
 }
@@ -775,10 +770,47 @@ impl<T> Carry<T> {
     }
 }
 
-/// Hands the rows of `batch` from `decided` on back to the runtime (see [`Collector::defer`]).
-fn defer_rest(batch: &RecordBatch, decided: usize, out: &mut Collector) {
-    if decided < batch.num_rows() {
-        out.defer(batch.slice(decided, batch.num_rows() - decided));
+/// A dedup stage's batch once decided (the first `decisions.len()` rows of it).
+struct Decided<'a> {
+    batch: &'a RecordBatch,
+    rows: &'a Rows<'a>,
+    decisions: &'a [Decision],
+    db: &'a StateDb,
+}
+
+impl Decided<'_> {
+    /// Remembers the rows passed as unsettled (with `remember(prepared value)`), sends
+    /// them on and refuses the others, hands the undecided rest back to the runtime (see
+    /// [`Collector::defer`]) with its prepared values, and lets the state spill if it must.
+    fn finish<T, U>(
+        &self,
+        unsettled: &mut HashMap<(i32, i64), (U, Original)>,
+        carry: &mut Carry<T>,
+        prepared: Vec<T>,
+        remember: impl Fn(&T) -> U,
+        ctx: &mut OperatorContext,
+        out: &mut Collector,
+    ) -> Result<(), OperatorError> {
+        let rows = self.rows;
+        for (i, d) in self.decisions.iter().enumerate() {
+            if matches!(d, Decision::Accept) {
+                let position = (rows.partition.value(i), rows.offset.value(i));
+                unsettled.insert(
+                    position,
+                    (remember(&prepared[i]), Original::of_row(rows, i)),
+                );
+            }
+        }
+        self.db
+            .relieve_memory()
+            .map_err(|e| op_err(&ctx.stage, e))?;
+        route(self.batch, rows, self.decisions, |_| true, ctx, out)?;
+        let (decided, n) = (self.decisions.len(), self.batch.num_rows());
+        if decided < n {
+            out.defer(self.batch.slice(decided, n - decided));
+        }
+        carry.keep_rest(rows, decided, prepared);
+        Ok(())
     }
 }
 
@@ -867,19 +899,20 @@ impl Operator for Near {
         let decisions = decisions?;
         drop(pending);
         drop(_deciding);
-        for (i, d) in decisions.iter().enumerate() {
-            if matches!(d, Decision::Accept) {
-                let position = (rows.partition.value(i), rows.offset.value(i));
-                let keys = prepared[i].1.clone();
-                self.unsettled
-                    .insert(position, (keys, Original::of_row(&rows, i)));
-            }
-        }
-        state.db.relieve_memory().map_err(|e| err(&e))?;
-        route(&batch, &rows, &decisions, |_| true, ctx, out)?;
-        defer_rest(&batch, decisions.len(), out);
-        self.carry.keep_rest(&rows, decisions.len(), prepared);
-        Ok(())
+        let done = Decided {
+            batch: &batch,
+            rows: &rows,
+            decisions: &decisions,
+            db: &state.db,
+        };
+        done.finish(
+            &mut self.unsettled,
+            &mut self.carry,
+            prepared,
+            |(_, band_keys)| band_keys.clone(),
+            ctx,
+            out,
+        )
     }
 
     fn on_settled(
