@@ -727,10 +727,16 @@ impl Near {
 
 /// Removes the rows that have settled from `unsettled`; returns those refused.
 fn take_settled<V>(unsettled: &mut HashMap<(i32, i64), V>, settled: &Settled) -> Vec<V> {
-    unsettled
-        .extract_if(|p, _| settled.all || settled.refused.contains(p) || settled.kept.contains(p))
-        .filter(|(p, _)| settled.refused.contains(p))
-        .map(|(_, v)| v)
+    let done: Vec<(i32, i64)> = unsettled
+        .keys()
+        .filter(|p| settled.all || settled.refused.contains(p) || settled.kept.contains(p))
+        .copied()
+        .collect();
+    done.into_iter()
+        .filter_map(|p| {
+            let v = unsettled.remove(&p)?;
+            settled.refused.contains(&p).then_some(v)
+        })
         .collect()
 }
 
