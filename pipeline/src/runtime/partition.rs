@@ -124,6 +124,9 @@ pub struct PartitionPipeline {
     seq: u64,
     rows_in: u64,
     rows_rejected: u64,
+    /// Some stage keeps state: tell stages which rows were refused and kept
+    /// ([`Operator::on_settled`]); without one, nothing is collected for it.
+    stateful: bool,
     metrics: Registry,
     committed_tx: std::sync::mpsc::Sender<Committed>,
 }
@@ -209,6 +212,7 @@ impl PartitionPipeline {
             seq: last.map_or(0, |r| r.seq),
             rows_in: 0,
             rows_rejected: 0,
+            stateful: env.state.is_some(),
             metrics,
             committed_tx,
         })
@@ -274,7 +278,9 @@ impl PartitionPipeline {
                     Node::Source => {}
                     Node::Sink(sink) => {
                         sink.write(&batch)?;
-                        settled.kept.extend(positions(&batch));
+                        if self.stateful {
+                            settled.kept.extend(positions(&batch));
+                        }
                     }
                     Node::Op(op, ctx) => {
                         let mut out = Collector::default();
@@ -294,9 +300,11 @@ impl PartitionPipeline {
                         let held = out.take_deferred();
                         holding[i] = !held.is_empty();
                         deferred.extend(held.into_iter().map(|b| (i, b)));
-                        settled
-                            .refused
-                            .extend(rejected.iter().map(|r| (r.kafka_partition, r.kafka_offset)));
+                        if self.stateful {
+                            settled.refused.extend(
+                                rejected.iter().map(|r| (r.kafka_partition, r.kafka_offset)),
+                            );
+                        }
                         self.reject(rejected)?;
                     }
                 }
