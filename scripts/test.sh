@@ -25,10 +25,11 @@ if ! [ -x "$tools/bin/tansu" ]; then
   cargo install tansu --version 0.6.0 --no-default-features --features dynostore --root "$tools"
 fi
 venv=$cache/venv
-if ! [ -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import confluent_kafka, pyarrow, duckdb, moto.server, boto3' 2>/dev/null; then
-  log "installing the outside clients (confluent-kafka, pyarrow, duckdb, moto[server] from PyPI)"
+if ! [ -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import confluent_kafka, pyarrow, duckdb, moto.server, boto3, infini_gram.engine, numpy' 2>/dev/null; then
+  log "installing the outside clients (confluent-kafka, pyarrow, duckdb, moto[server], infini-gram from PyPI)"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check confluent-kafka pyarrow duckdb 'moto[server]' boto3
+  "$venv/bin/pip" install --quiet --disable-pip-version-check confluent-kafka pyarrow duckdb 'moto[server]' boto3 \
+    infini-gram==2.6.0 numpy
 fi
 export LEDGERFLOW_PYTHON=$venv/bin/python
 node_dir=$cache/node

@@ -4,6 +4,7 @@
 //! - [`spec`]: job files, checked with positions and hints; [`registry`]: every node type.
 //! - [`plan`]: the DAG (inputs, cycles, schemas); [`runtime`]: running it with checkpoints.
 //! - [`sql`]: read-only DataFusion over a store; [`gen`]: deterministic signed test data.
+//! - [`tokens`]: `ledgerflow index` (infini-gram-compatible token indexes and their queries).
 
 pub mod gen;
 pub mod job_schema;
@@ -16,6 +17,7 @@ pub mod registry;
 pub mod runtime;
 pub mod spec;
 pub mod sql;
+pub mod tokens;
 pub mod wallet;
 
 /// The job the quick start runs (also `jobs/quickstart.yaml`).

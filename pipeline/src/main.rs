@@ -122,6 +122,116 @@ enum Command {
     },
     /// Prints the JSON Schema of job files.
     Schema,
+    /// Token indexes in infini-gram's format: build them, query them.
+    Index {
+        #[command(subcommand)]
+        what: IndexCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Builds the suffix array (`table.s`) of every shard of infini-gram's tokenizing step
+    /// (`tokenized.s`, `offset.s`, optional `metadata.s` / `metaoff.s`).
+    Build {
+        /// Folder of infini-gram's tokenized files.
+        #[arg(long)]
+        from_tokenized: PathBuf,
+        /// Index folder to write (may be the input folder).
+        #[arg(long)]
+        out: PathBuf,
+        /// Threads for suffix-array construction (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Memory one shard may use while it is built, in MiB.
+        #[arg(long, default_value_t = 4096)]
+        memory_mib: u64,
+    },
+    /// Queries an index; prints JSON shaped like infini-gram's results.
+    Query {
+        #[arg(long)]
+        index: PathBuf,
+        /// The token id the document separator reads as in next-token results.
+        #[arg(long, default_value_t = 0)]
+        eos: u16,
+        #[command(subcommand)]
+        query: QueryCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueryCommand {
+    /// Occurrences of the tokens.
+    Count {
+        #[arg(long, value_parser = parse_token_list)]
+        tokens: TokenList,
+    },
+    /// Rank range of the tokens in each shard.
+    Find {
+        #[arg(long, value_parser = parse_token_list)]
+        tokens: TokenList,
+    },
+    /// P(cont | tokens).
+    Prob {
+        #[arg(long, value_parser = parse_token_list)]
+        tokens: TokenList,
+        #[arg(long)]
+        cont: u16,
+    },
+    /// Distribution of the next token after the tokens.
+    Ntd {
+        #[arg(long, value_parser = parse_token_list)]
+        tokens: TokenList,
+        #[arg(long, default_value_t = 1000)]
+        max_support: u64,
+    },
+    /// ∞-gram probability of cont after the longest occurring suffix of the tokens.
+    InfgramProb {
+        #[arg(long, value_parser = parse_token_list)]
+        tokens: TokenList,
+        #[arg(long)]
+        cont: u16,
+    },
+    /// ∞-gram next-token distribution.
+    InfgramNtd {
+        #[arg(long, value_parser = parse_token_list)]
+        tokens: TokenList,
+        #[arg(long, default_value_t = 1000)]
+        max_support: u64,
+    },
+    /// The document at a rank of a shard.
+    Doc {
+        #[arg(long)]
+        shard: usize,
+        #[arg(long)]
+        rank: u64,
+        #[arg(long, default_value_t = 1000)]
+        max_disp_len: u64,
+    },
+    /// Maximal spans of the tokens in the index and the contributions they credit.
+    Attribute {
+        #[arg(long, value_parser = parse_token_list)]
+        tokens: TokenList,
+        /// Shortest span, in tokens.
+        #[arg(long, default_value_t = 1)]
+        min_len: usize,
+        /// Spans occurring more often are dropped.
+        #[arg(long, default_value_t = 1000)]
+        max_cnt: u64,
+        /// Tokens a span may end at but not cross (comma-separated).
+        #[arg(long, value_parser = parse_token_list, default_value = "")]
+        delim: TokenList,
+    },
+}
+
+/// A comma-separated list of token ids.
+#[derive(Clone, Debug)]
+struct TokenList(Vec<u16>);
+
+fn parse_token_list(s: &str) -> Result<TokenList, String> {
+    ledgerflow::tokens::parse_tokens(s)
+        .map(TokenList)
+        .map_err(|e| format!("{e:#}"))
 }
 
 #[derive(Subcommand)]
@@ -439,6 +549,7 @@ fn real_main(command: Command) -> Result<i32> {
             }
         }
         Command::Datanet { what } => datanet(what),
+        Command::Index { what } => index_command(what).map(|()| 0),
         Command::Schema => {
             println!(
                 "{}",
@@ -685,4 +796,85 @@ fn quickstart(count: u64, store_url: &str) -> Result<()> {
     }
     eprintln!("[4/4] try: ledgerflow sql --store {store_url} \"SELECT * FROM legal LIMIT 3\"");
     Ok(())
+}
+
+fn index_command(what: IndexCommand) -> Result<()> {
+    use ledgerflow::tokens::{self, Query};
+    match what {
+        IndexCommand::Build {
+            from_tokenized,
+            out,
+            threads,
+            memory_mib,
+        } => {
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let started = Instant::now();
+            let shards = ledgerflow_index::build_from_tokenized(
+                &from_tokenized,
+                &out,
+                threads,
+                memory_mib << 20,
+            )?;
+            let tokens: u64 = shards.iter().map(|s| s.tokens).sum();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "index": out,
+                    "shards": shards,
+                    "tokens": tokens,
+                    "seconds": started.elapsed().as_secs_f64(),
+                })
+            );
+            Ok(())
+        }
+        IndexCommand::Query { index, eos, query } => {
+            let index = tokens::open(&index, eos)?;
+            let (ids, query) = match query {
+                QueryCommand::Count { tokens } => (tokens.0, Query::Count),
+                QueryCommand::Find { tokens } => (tokens.0, Query::Find),
+                QueryCommand::Prob { tokens, cont } => (tokens.0, Query::Prob { cont }),
+                QueryCommand::Ntd {
+                    tokens,
+                    max_support,
+                } => (tokens.0, Query::Ntd { max_support }),
+                QueryCommand::InfgramProb { tokens, cont } => {
+                    (tokens.0, Query::InfgramProb { cont })
+                }
+                QueryCommand::InfgramNtd {
+                    tokens,
+                    max_support,
+                } => (tokens.0, Query::InfgramNtd { max_support }),
+                QueryCommand::Doc {
+                    shard,
+                    rank,
+                    max_disp_len,
+                } => (
+                    Vec::new(),
+                    Query::Doc {
+                        shard,
+                        rank,
+                        max_disp_len,
+                    },
+                ),
+                QueryCommand::Attribute {
+                    tokens,
+                    min_len,
+                    max_cnt,
+                    delim,
+                } => (
+                    tokens.0,
+                    Query::Attribute(ledgerflow_index::AttributeParams {
+                        delim_ids: delim.0,
+                        min_len,
+                        max_cnt,
+                        bow_ids: None,
+                    }),
+                ),
+            };
+            let result = tokens::run_query(&index, &ids, &query)?;
+            println!("{result}");
+            Ok(())
+        }
+    }
 }
