@@ -331,3 +331,122 @@ fn index_and_queries_match_infini_gram() {
     assert_eq!(cli, serde_json::to_value(index.count(probe)).unwrap());
     assert!(cli["count"].as_u64().unwrap() >= 1);
 }
+
+fn sql_json(store: &Path, query: &str) -> Vec<Value> {
+    let out = run_ok(
+        ledgerflow()
+            .args(["sql", query, "--format", "json", "--store"])
+            .arg(store),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn build_datanet(store: &Path) -> Value {
+    let out = run_ok(
+        ledgerflow()
+            .args([
+                "index",
+                "build",
+                "--datanet",
+                "legal",
+                "--vocab-size",
+                "2000",
+                "--store",
+            ])
+            .arg(store),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn attribute(store: &Path, text: &str) -> Value {
+    let out = run_ok(
+        ledgerflow()
+            .args(["attribute", "--datanet", "legal", "--text", text, "--store"])
+            .arg(store),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A Datanet indexed with its own tokenizer: every accepted contribution becomes a document
+/// with its content hash and contributor, a contribution's own text attributes to it first,
+/// and data committed later becomes a new shard without touching the old ones.
+#[test]
+fn datanet_index_attributes_texts_to_their_contributions() {
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    run_ok(
+        ledgerflow()
+            .args(["quickstart", "--count", "300", "--store"])
+            .arg(&store),
+    );
+    let rows = sql_json(&store, "SELECT count(*) AS n FROM legal")[0]["n"]
+        .as_u64()
+        .unwrap();
+    let first = build_datanet(&store);
+    assert_eq!(first["tokenizer_trained"], json!(true), "{first}");
+    assert_eq!(first["new_documents"].as_u64().unwrap(), rows, "{first}");
+    assert_eq!(first["shards"], json!(1), "{first}");
+    let index_dir = store.join("indexes/legal");
+    let table = fs::read(index_dir.join("table.0")).unwrap();
+
+    let picked = &sql_json(
+        &store,
+        "SELECT content_hash, contributor, content FROM legal ORDER BY content_hash LIMIT 1",
+    )[0];
+    let result = attribute(&store, picked["content"].as_str().unwrap());
+    let top = &result["contributions"][0];
+    assert_eq!(top["content_hash"], picked["content_hash"], "{result}");
+    assert_eq!(top["contributor"], picked["contributor"], "{result}");
+    let total: f64 = result["contributions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["score"].as_f64().unwrap())
+        .sum();
+    assert!((total - 1.0).abs() < 1e-9, "scores sum to {total}");
+    let longest = result["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["length"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(
+        longest,
+        result["tokens"].as_u64().unwrap(),
+        "the whole text is one span: {result}"
+    );
+
+    // Nothing new: nothing changes.
+    let again = build_datanet(&store);
+    assert_eq!(
+        (again["new_files"].clone(), again["shards"].clone()),
+        (json!(0), json!(1)),
+        "{again}"
+    );
+
+    // A newly committed file (here a copy of one) becomes shard 1; shard 0 is left as it was.
+    let day_file = fs::read_dir(store.join("datanets/legal"))
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .unwrap();
+    fs::copy(
+        &day_file,
+        day_file.with_file_name("zz-later-commit.parquet"),
+    )
+    .unwrap();
+    let later = build_datanet(&store);
+    assert_eq!(later["new_files"], json!(1), "{later}");
+    assert_eq!(later["tokenizer_trained"], json!(false), "{later}");
+    assert_eq!(later["shards"], json!(2), "{later}");
+    assert!(!fs::read(index_dir.join("table.1")).unwrap().is_empty());
+    assert_eq!(
+        fs::read(index_dir.join("table.0")).unwrap(),
+        table,
+        "shard 0 was rebuilt"
+    );
+    let index = Index::open(&index_dir, 0).unwrap();
+    assert_eq!(index.shards().len(), 2);
+}

@@ -24,7 +24,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use libsais::SuffixArrayConstruction;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{IndexError, Result, DOC_SEP};
 
@@ -125,7 +125,7 @@ fn sais_i64(keys: &[u16], threads: usize) -> Result<Vec<i64>> {
 }
 
 /// What one shard holds, as reported after it is written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardSummary {
     /// The shard's number `s` (its files end in `.s`).
     pub shard: usize,

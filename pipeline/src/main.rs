@@ -127,19 +127,45 @@ enum Command {
         #[command(subcommand)]
         what: IndexCommand,
     },
+    /// Which contributions of a Datanet a text (a model output) repeats: its maximal spans in
+    /// the Datanet's token index and the contributions they credit, as JSON.
+    Attribute {
+        #[arg(long)]
+        datanet: String,
+        #[arg(long)]
+        text: String,
+        #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
+        store: String,
+        /// Shortest span, in tokens.
+        #[arg(long, default_value_t = 4)]
+        min_len: usize,
+        /// Spans occurring more often are dropped.
+        #[arg(long, default_value_t = 1000)]
+        max_cnt: u64,
+    },
 }
 
 #[derive(Subcommand)]
 enum IndexCommand {
-    /// Builds the suffix array (`table.s`) of every shard of infini-gram's tokenizing step
-    /// (`tokenized.s`, `offset.s`, optional `metadata.s` / `metaoff.s`).
+    /// Indexes a Datanet (`--datanet`: new committed data becomes new shards; the first build
+    /// trains its tokenizer), or builds the suffix array (`table.s`) of every shard of
+    /// infini-gram's tokenizing step (`--from-tokenized`: `tokenized.s`, `offset.s`, optional
+    /// `metadata.s` / `metaoff.s`).
     Build {
+        /// The Datanet to index, into `<store>/indexes/<datanet>`.
+        #[arg(long, conflicts_with_all = ["from_tokenized", "out"], required_unless_present = "from_tokenized")]
+        datanet: Option<String>,
+        #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
+        store: String,
+        /// Vocabulary of the tokenizer the first build trains (at most 65,535).
+        #[arg(long, default_value_t = 16_384)]
+        vocab_size: usize,
         /// Folder of infini-gram's tokenized files.
-        #[arg(long)]
-        from_tokenized: PathBuf,
+        #[arg(long, requires = "out")]
+        from_tokenized: Option<PathBuf>,
         /// Index folder to write (may be the input folder).
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
         /// Threads for suffix-array construction (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -550,6 +576,26 @@ fn real_main(command: Command) -> Result<i32> {
         }
         Command::Datanet { what } => datanet(what),
         Command::Index { what } => index_command(what).map(|()| 0),
+        Command::Attribute {
+            datanet,
+            text,
+            store,
+            min_len,
+            max_cnt,
+        } => {
+            let store = Store::open(&store)?;
+            let dir = ledgerflow::tokens::datanet_index_dir(&store, &datanet)?;
+            let params = ledgerflow_index::AttributeParams {
+                min_len,
+                max_cnt,
+                ..Default::default()
+            };
+            println!(
+                "{}",
+                ledgerflow::tokens::attribute_text(&dir, &text, &params)?
+            );
+            Ok(0)
+        }
         Command::Schema => {
             println!(
                 "{}",
@@ -802,6 +848,9 @@ fn index_command(what: IndexCommand) -> Result<()> {
     use ledgerflow::tokens::{self, Query};
     match what {
         IndexCommand::Build {
+            datanet,
+            store,
+            vocab_size,
             from_tokenized,
             out,
             threads,
@@ -810,6 +859,20 @@ fn index_command(what: IndexCommand) -> Result<()> {
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let started = Instant::now();
+            let (Some(from_tokenized), Some(out)) = (from_tokenized, out) else {
+                let datanet = datanet.context("--datanet or --from-tokenized")?;
+                let store = Store::open(&store)?;
+                let opts = ledgerflow::tokens::DatanetIndexOptions {
+                    vocab_size,
+                    memory_budget: memory_mib << 20,
+                    threads,
+                };
+                let report = io_runtime()?.block_on(ledgerflow::tokens::build_datanet_index(
+                    &store, &datanet, &opts,
+                ))?;
+                println!("{}", serde_json::to_string(&report)?);
+                return Ok(());
+            };
             let shards = ledgerflow_index::build_from_tokenized(
                 &from_tokenized,
                 &out,

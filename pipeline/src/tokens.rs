@@ -76,3 +76,217 @@ pub fn open(dir: &Path, eos: u16) -> Result<Index> {
     }
     Index::open(dir, eos).with_context(|| format!("opening the index in {}", dir.display()))
 }
+
+/// What `ledgerflow index build --datanet` keeps beside the shards (`ledgerflow.json`; the name
+/// avoids the words infini-gram's engine looks for in file names).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DatanetIndexManifest {
+    pub datanet: String,
+    /// Datanet files (relative to the store root) already in a shard, in indexing order.
+    pub files: Vec<String>,
+    pub shards: Vec<ledgerflow_index::ShardSummary>,
+    pub vocab_size: usize,
+}
+
+/// Options of [`build_datanet_index`].
+#[derive(Debug, Clone)]
+pub struct DatanetIndexOptions {
+    /// Vocabulary of the tokenizer trained on the first build.
+    pub vocab_size: usize,
+    /// Memory one shard may use while its suffix array is built; shards are cut to fit.
+    pub memory_budget: u64,
+    pub threads: usize,
+}
+
+/// What one build added.
+#[derive(Debug, serde::Serialize)]
+pub struct DatanetIndexReport {
+    pub index: std::path::PathBuf,
+    pub new_files: usize,
+    pub new_documents: u64,
+    pub new_shards: Vec<ledgerflow_index::ShardSummary>,
+    pub shards: usize,
+    pub tokenizer_trained: bool,
+}
+
+/// Where the token index of `datanet` lives: `<store>/indexes/<datanet>` (a local store only:
+/// the index is memory-mapped).
+pub fn datanet_index_dir(
+    store: &ledgerflow_store::Store,
+    datanet: &str,
+) -> Result<std::path::PathBuf> {
+    let url = store.url();
+    if url.scheme() != "file" {
+        bail!("token indexes are memory-mapped and need a local store, not {url}");
+    }
+    let root = url
+        .to_file_path()
+        .map_err(|()| anyhow::anyhow!("{url} is not a local path"))?;
+    Ok(root.join("indexes").join(datanet))
+}
+
+/// Rows `(content_hash, contributor, content)` of one Datanet Parquet file.
+async fn datanet_rows(
+    store: &ledgerflow_store::Store,
+    rel: &str,
+) -> Result<Vec<(String, String, String)>> {
+    use arrow_array::{Array, StringArray};
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let bytes = store
+        .get(rel)
+        .await?
+        .with_context(|| format!("{rel} vanished from the store"))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .with_context(|| format!("reading {rel}"))?
+        .build()?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let col = |name: &str| -> Result<StringArray> {
+            let c = batch
+                .column_by_name(name)
+                .with_context(|| format!("{rel} has no column {name}"))?;
+            Ok(c.as_any()
+                .downcast_ref::<StringArray>()
+                .with_context(|| format!("{rel}: column {name} is not text"))?
+                .clone())
+        };
+        let (hash, who, content) = (col("content_hash")?, col("contributor")?, col("content")?);
+        for i in 0..batch.num_rows() {
+            if content.is_null(i) {
+                continue;
+            }
+            rows.push((
+                hash.value(i).to_owned(),
+                who.value(i).to_owned(),
+                content.value(i).to_owned(),
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// Indexes what `datanet` committed since the last build: the first build trains the Datanet's
+/// byte-level BPE tokenizer on its texts; every build appends shards (cut to the memory budget)
+/// for the Datanet files not yet indexed and leaves the old shards as they are.
+pub async fn build_datanet_index(
+    store: &ledgerflow_store::Store,
+    datanet: &str,
+    opts: &DatanetIndexOptions,
+) -> Result<DatanetIndexReport> {
+    use ledgerflow_index::{build::build_bytes, ShardWriter, TextTokenizer};
+    let dir = datanet_index_dir(store, datanet)?;
+    std::fs::create_dir_all(&dir)?;
+    let manifest_path = dir.join("ledgerflow.json");
+    let mut manifest: DatanetIndexManifest = match std::fs::read(&manifest_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("reading {}", manifest_path.display()))?,
+        Err(_) => DatanetIndexManifest {
+            datanet: datanet.to_owned(),
+            ..Default::default()
+        },
+    };
+    let table = ledgerflow_store::layout::TableRef::datanet(datanet);
+    let mut files: Vec<String> = store
+        .list(&table.dir())
+        .await?
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.ends_with(".parquet"))
+        .collect();
+    if files.is_empty() && manifest.files.is_empty() {
+        bail!("Datanet {datanet} has no committed data in {}", store.url());
+    }
+    files.sort();
+    let indexed: std::collections::HashSet<&String> = manifest.files.iter().collect();
+    let new: Vec<String> = files
+        .iter()
+        .filter(|f| !indexed.contains(f))
+        .cloned()
+        .collect();
+
+    let tokenizer_path = dir.join("tokenizer.json");
+    let mut trained = false;
+    let tokenizer = if tokenizer_path.exists() {
+        TextTokenizer::load(&tokenizer_path)?
+    } else {
+        let mut texts = Vec::new();
+        for f in &files {
+            texts.extend(datanet_rows(store, f).await?.into_iter().map(|r| r.2));
+        }
+        let tok = TextTokenizer::train(texts.iter(), opts.vocab_size, 2)?;
+        let tmp = dir.join(".tokenizer.json.partial");
+        std::fs::write(&tmp, tok.to_json()?)?;
+        std::fs::rename(&tmp, &tokenizer_path)?;
+        trained = true;
+        tok
+    };
+
+    let mut new_shards = Vec::new();
+    let mut writer: Option<ShardWriter> = None;
+    let mut new_documents = 0;
+    for f in &new {
+        for (hash, contributor, content) in datanet_rows(store, f).await? {
+            let ids = tokenizer.encode(&content)?;
+            let full = writer.as_ref().is_some_and(|w| {
+                w.docs() > 0 && build_bytes(w.tokens() + ids.len() as u64 + 1) > opts.memory_budget
+            });
+            if full {
+                let w = writer.take().expect("writer");
+                new_shards.push(w.finish(opts.threads)?);
+            }
+            let w = writer.get_or_insert_with(|| {
+                ShardWriter::new(&dir, manifest.shards.len() + new_shards.len(), datanet)
+            });
+            w.add_document(
+                &ids,
+                &json!({"content_hash": hash, "contributor": contributor}),
+            )?;
+            new_documents += 1;
+        }
+    }
+    if let Some(w) = writer.take() {
+        new_shards.push(w.finish(opts.threads)?);
+    }
+    manifest.files.extend(new.iter().cloned());
+    manifest.shards.extend(new_shards.iter().cloned());
+    manifest.vocab_size = tokenizer.vocab_size();
+    let tmp = dir.join(".ledgerflow.json.partial");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::rename(&tmp, &manifest_path)?;
+    Ok(DatanetIndexReport {
+        index: dir,
+        new_files: new.len(),
+        new_documents,
+        new_shards,
+        shards: manifest.shards.len(),
+        tokenizer_trained: trained,
+    })
+}
+
+/// `ledgerflow attribute`: the maximal spans of `text` in the Datanet's index (decoded) and the
+/// contributions they credit.
+pub fn attribute_text(dir: &Path, text: &str, params: &AttributeParams) -> Result<Value> {
+    let tokenizer = ledgerflow_index::TextTokenizer::load(&dir.join("tokenizer.json"))
+        .with_context(|| {
+            format!(
+                "no tokenizer in {} (run `ledgerflow index build --datanet` first)",
+                dir.display()
+            )
+        })?;
+    let index = open(dir, tokenizer.eos_id())?;
+    let ids = tokenizer.encode(text)?;
+    let spans = index.attribute(&ids, params);
+    let credits = ledgerflow_index::credit(&index, &spans)?;
+    let spans: Vec<Value> = spans
+        .iter()
+        .map(|s| {
+            Ok(json!({
+                "l": s.l, "r": s.r, "length": s.length, "count": s.count,
+                "text": tokenizer.decode(&ids[s.l..s.r])?,
+                "docs": s.docs.len(),
+            }))
+        })
+        .collect::<Result<_>>()?;
+    Ok(json!({ "tokens": ids.len(), "spans": spans, "contributions": credits }))
+}
