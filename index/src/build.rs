@@ -47,6 +47,24 @@ pub fn build_bytes(tokens: u64) -> u64 {
     tokens * (2 + 2 + sa)
 }
 
+/// libsais on `keys` into an owned buffer of i32 or i64 positions (`in_owned_buffer32` /
+/// `in_owned_buffer64`: the two are distinct types), on `threads` OpenMP threads.
+macro_rules! sais {
+    ($keys:expr, $threads:expr, $buffer:ident) => {{
+        let run = SuffixArrayConstruction::for_text($keys).$buffer();
+        let sa = if $threads > 1 {
+            run.multi_threaded(libsais::ThreadCount::fixed(
+                $threads.min(u16::MAX as usize) as u16
+            ))
+            .run()
+        } else {
+            run.single_threaded().run()
+        };
+        sa.map_err(|e| IndexError::Build(format!("libsais: {e:?}")))?
+            .into_vec()
+    }};
+}
+
 /// The suffix array of a little-endian u16 token file, as byte offsets in infini-gram's order,
 /// written to `out` with `pointer_width(le_bytes.len())` bytes per entry.
 pub fn write_table(le_bytes: &[u8], out: &Path, threads: usize) -> Result<()> {
@@ -65,12 +83,14 @@ pub fn write_table(le_bytes: &[u8], out: &Path, threads: usize) -> Result<()> {
         .collect();
     let width = pointer_width(le_bytes.len() as u64);
     let mut w = BufWriter::with_capacity(1 << 20, File::create(out)?);
-    if keys.len() < i32::MAX as usize {
-        let sa = sais_i32(&keys, threads)?;
+    if keys.is_empty() {
+        // Nothing to sort (libsais wants at least one symbol).
+    } else if keys.len() < i32::MAX as usize {
+        let sa = sais!(&keys, threads, in_owned_buffer32);
         drop(keys);
         write_entries(&mut w, sa.iter().map(|&p| p as u64), width)?;
     } else {
-        let sa = sais_i64(&keys, threads)?;
+        let sa = sais!(&keys, threads, in_owned_buffer64);
         drop(keys);
         write_entries(&mut w, sa.iter().map(|&p| p as u64), width)?;
     }
@@ -89,39 +109,6 @@ fn write_entries(
         w.write_all(&(p * 2).to_le_bytes()[..width])?;
     }
     Ok(())
-}
-
-fn sais_i32(keys: &[u16], threads: usize) -> Result<Vec<i32>> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    let run = SuffixArrayConstruction::for_text(keys).in_owned_buffer32();
-    let sa = if threads > 1 {
-        run.multi_threaded(libsais::ThreadCount::fixed(
-            threads.min(u16::MAX as usize) as u16
-        ))
-        .run()
-    } else {
-        run.single_threaded().run()
-    };
-    Ok(sa
-        .map_err(|e| IndexError::Build(format!("libsais: {e:?}")))?
-        .into_vec())
-}
-
-fn sais_i64(keys: &[u16], threads: usize) -> Result<Vec<i64>> {
-    let run = SuffixArrayConstruction::for_text(keys).in_owned_buffer64();
-    let sa = if threads > 1 {
-        run.multi_threaded(libsais::ThreadCount::fixed(
-            threads.min(u16::MAX as usize) as u16
-        ))
-        .run()
-    } else {
-        run.single_threaded().run()
-    };
-    Ok(sa
-        .map_err(|e| IndexError::Build(format!("libsais: {e:?}")))?
-        .into_vec())
 }
 
 /// What one shard holds, as reported after it is written.
