@@ -239,14 +239,31 @@ impl ShardWriter {
 /// reads instead of counting every token id with a search).
 fn unigram_lines(le_tokens: &[u8]) -> String {
     let mut counts = vec![0u64; 1 << 16];
-    for pair in le_tokens.chunks_exact(2) {
-        counts[u16::from_le_bytes([pair[0], pair[1]]) as usize] += 1;
-    }
+    count_tokens(le_tokens, &mut counts);
     let mut out = String::new();
     for (token, &count) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
         out.push_str(&format!("{token} {count}\n"));
     }
     out
+}
+
+/// Adds the occurrences of every token of `le_tokens` to `counts` (indexed by token id).
+pub(crate) fn count_tokens(le_tokens: &[u8], counts: &mut [u64]) {
+    for pair in le_tokens.chunks_exact(2) {
+        counts[u16::from_le_bytes([pair[0], pair[1]]) as usize] += 1;
+    }
+}
+
+/// The counts of a `unigram.s` file (`token count` lines, or bare counts indexed by line, as
+/// infini-gram's engine reads them); `None` when a line is neither.
+pub(crate) fn parse_unigram(text: &str) -> Option<Vec<(u16, u64)>> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| match line.split_once(' ') {
+            Some((t, c)) => Some((t.parse().ok()?, c.trim().parse().ok()?)),
+            None => Some((u16::try_from(i).ok()?, line.trim().parse().ok()?)),
+        })
+        .collect()
 }
 
 fn u64s_le(values: &[u64]) -> Vec<u8> {

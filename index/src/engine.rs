@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use serde::Serialize;
 
-use crate::build::shard_names;
+use crate::build::{count_tokens, parse_unigram, shard_names};
 use crate::{IndexError, Result, DOC_SEP};
 
 /// A read-only file, memory-mapped (or empty).
@@ -685,13 +685,19 @@ impl Index {
         )))
     }
 
-    /// Token counts over all shards (separators under 65535) and the total, computed once.
+    /// Token counts over all shards (separators under 65535) and the total, computed once:
+    /// read from a shard's `unigram.s` where it has one, else counted over its tokens.
     pub fn unigram_counts(&self) -> &(BTreeMap<u16, u64>, u64) {
         self.unigram.get_or_init(|| {
             let mut counts = vec![0u64; 1 << 16];
             for shard in &self.shards {
-                for pair in shard.ds().chunks_exact(2) {
-                    counts[u16::from_le_bytes([pair[0], pair[1]]) as usize] += 1;
+                let cached =
+                    std::fs::read_to_string(self.dir.join(format!("unigram.{}", shard.name)))
+                        .ok()
+                        .and_then(|text| parse_unigram(&text));
+                match cached {
+                    Some(pairs) => pairs.into_iter().for_each(|(t, c)| counts[t as usize] += c),
+                    None => count_tokens(shard.ds(), &mut counts),
                 }
             }
             let total = counts.iter().sum();
