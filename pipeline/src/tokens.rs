@@ -207,14 +207,17 @@ pub async fn build_datanet_index(
 
     let tokenizer_path = dir.join("tokenizer.json");
     let mut trained = false;
+    // Rows read to train the tokenizer (in file order), kept for the files indexed below.
+    let mut read: std::collections::BTreeMap<String, Vec<(String, String, String)>> =
+        Default::default();
     let tokenizer = if tokenizer_path.exists() {
         TextTokenizer::load(&tokenizer_path)?
     } else {
-        let mut texts = Vec::new();
         for f in &files {
-            texts.extend(datanet_rows(store, f).await?.into_iter().map(|r| r.2));
+            read.insert(f.clone(), datanet_rows(store, f).await?);
         }
-        let tok = TextTokenizer::train(texts.iter(), opts.vocab_size, 2)?;
+        let texts = read.values().flatten().map(|r| r.2.as_str());
+        let tok = TextTokenizer::train(texts, opts.vocab_size, 2)?;
         let tmp = dir.join(".tokenizer.json.partial");
         std::fs::write(&tmp, tok.to_json()?)?;
         std::fs::rename(&tmp, &tokenizer_path)?;
@@ -226,7 +229,11 @@ pub async fn build_datanet_index(
     let mut writer: Option<ShardWriter> = None;
     let mut new_documents = 0;
     for f in &new {
-        for (hash, contributor, content) in datanet_rows(store, f).await? {
+        let rows = match read.remove(f) {
+            Some(rows) => rows,
+            None => datanet_rows(store, f).await?,
+        };
+        for (hash, contributor, content) in rows {
             let ids = tokenizer.encode(&content)?;
             let full = writer.as_ref().is_some_and(|w| {
                 w.docs() > 0 && build_bytes(w.tokens() + ids.len() as u64 + 1) > opts.memory_budget
