@@ -6,6 +6,13 @@
 //! rule as OLMoTrace's attribution. One deliberate difference: when a query sorts before every
 //! suffix of a shard, infini-gram's longest-prefix search inspects no suffix (an unsigned
 //! `start - 1` wraps around) and reports 0; ours inspects the first suffix.
+//!
+//! One quirk is kept because infini-gram has it: next-token distributions read both the
+//! separator and the end of a shard as EOS, but sorted they are the first and the last
+//! suffixes of a segment, so when a prompt occurs at the very end of a shard and before a
+//! separator, the shortcut "first next token == last next token" credits the whole segment to
+//! EOS (infini-gram 2.6.0 answers `ntd([1])` over the documents `[1,1,1]`, `[1]` with
+//! `{EOS: 4}`). `tests/brute_force.rs` checks every other case against a scan.
 
 use std::collections::BTreeMap;
 use std::fs::File;
