@@ -137,18 +137,18 @@ impl Shard {
         self.doc_cnt
     }
 
-    fn ds(&self) -> &[u8] {
+    pub(crate) fn ds(&self) -> &[u8] {
         self.ds.bytes()
     }
 
-    fn rank_to_ptr(&self, rank: u64) -> u64 {
+    pub(crate) fn rank_to_ptr(&self, rank: u64) -> u64 {
         let at = rank as usize * self.ptr_size;
         let mut b = [0u8; 8];
         b[..self.ptr_size].copy_from_slice(&self.sa.bytes()[at..at + self.ptr_size]);
         u64::from_le_bytes(b)
     }
 
-    fn doc_ix_to_ptr(&self, doc_ix: u64) -> u64 {
+    pub(crate) fn doc_ix_to_ptr(&self, doc_ix: u64) -> u64 {
         if doc_ix == self.doc_cnt {
             return self.ds().len() as u64;
         }
@@ -178,7 +178,7 @@ impl Shard {
 
     /// infini-gram's `_find_thread`: the rank range `[lo, hi)` of suffixes starting with
     /// `query`, searched within `hint`.
-    fn find(&self, query: &[u8], hint: (u64, u64)) -> (u64, u64) {
+    pub(crate) fn find(&self, query: &[u8], hint: (u64, u64)) -> (u64, u64) {
         if query.is_empty() {
             return (0, self.tok_cnt);
         }
@@ -311,7 +311,7 @@ fn read_u64(bytes: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
 }
 
-fn to_le(ids: &[u16]) -> Vec<u8> {
+pub(crate) fn to_le(ids: &[u16]) -> Vec<u8> {
     ids.iter().flat_map(|t| t.to_le_bytes()).collect()
 }
 

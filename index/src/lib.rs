@@ -4,16 +4,19 @@
 //! and builds their suffix arrays with libsais; [`engine`] memory-maps them and answers
 //! infini-gram's queries (count, find, n-gram and ∞-gram probabilities, next-token
 //! distributions, documents, maximal-span attribution); [`attribution`] turns the spans of a
-//! model output into per-contribution credit; [`tokenizer`] trains byte-level BPE tokenizers.
+//! model output into per-contribution credit; [`substring`] finds documents repeating long spans
+//! of earlier ones (ExactSubstr); [`tokenizer`] trains byte-level BPE tokenizers.
 
 pub mod attribution;
 pub mod build;
 pub mod engine;
+pub mod substring;
 pub mod tokenizer;
 
 pub use attribution::{credit, Credit};
 pub use build::{build_from_tokenized, pointer_width, write_table, ShardSummary, ShardWriter};
 pub use engine::{AttributeParams, Index, Span};
+pub use substring::{substring_duplicates, SubstringDuplicate};
 pub use tokenizer::TextTokenizer;
 
 /// The document separator token (and the reason vocabularies stop at 65,535 tokens).

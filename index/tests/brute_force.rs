@@ -216,3 +216,41 @@ proptest! {
         }
     }
 }
+
+/// Whether `a` and `b` share a common substring of `len` tokens.
+fn share(a: &[u16], b: &[u16], len: usize) -> bool {
+    a.len() >= len && b.len() >= len && a.windows(len).any(|w| b.windows(len).any(|x| x == w))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn substring_duplicates_match_a_scan(
+        shards in proptest::collection::vec(
+            proptest::collection::vec(proptest::collection::vec(0u16..3, 0..30), 1..6),
+            1..4,
+        ),
+        min_len in 2usize..9,
+        first_doc in 0u64..6,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = build(dir.path(), &shards);
+        let docs: Vec<&Vec<u16>> = shards.iter().flatten().collect();
+        let found = ledgerflow_index::substring_duplicates(&index, first_doc, min_len).unwrap();
+        let flagged: Vec<u64> = found.iter().map(|f| f.doc_ix).collect();
+        let want: Vec<u64> = (first_doc as usize..docs.len())
+            .filter(|&d| (0..d).any(|e| share(docs[d], docs[e], min_len)))
+            .map(|d| d as u64)
+            .collect();
+        prop_assert_eq!(flagged, want);
+        for f in &found {
+            let (d, e) = (docs[f.doc_ix as usize], docs[f.of_doc_ix as usize]);
+            prop_assert!(f.of_doc_ix < f.doc_ix);
+            prop_assert!(f.length >= min_len);
+            let span = &d[f.offset..f.offset + f.length];
+            prop_assert!(e.windows(f.length).any(|w| w == span), "{:?} not in {:?}", span, e);
+            prop_assert!(!f.metadata.is_empty() && !f.of_metadata.is_empty());
+        }
+    }
+}
