@@ -196,6 +196,18 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Appends one document with its `metadata.s` line as it is (a document moved from another
+    /// shard keeps its provenance). Tokens are stored little-endian, as in `tokenized.s`.
+    fn add_document_le(&mut self, le_tokens: &[u8], metadata_line: &str) {
+        self.offsets.push(self.tokens.len() as u64);
+        self.tokens.extend_from_slice(&DOC_SEP.to_le_bytes());
+        self.tokens.extend_from_slice(le_tokens);
+        self.metaoff.push(self.meta.len() as u64);
+        self.meta
+            .extend_from_slice(metadata_line.trim_end_matches('\n').as_bytes());
+        self.meta.push(b'\n');
+    }
+
     /// Writes the shard's files (into a staging folder, then moved into place, `table.s` last)
     /// and builds its suffix array on `threads` threads.
     pub fn finish(self, threads: usize) -> Result<ShardSummary> {
@@ -341,6 +353,31 @@ pub fn build_from_tokenized(
         });
     }
     Ok(summaries)
+}
+
+/// Merges shards `names` of `dir` (in that order) into one new shard `shard` written to `out`:
+/// the documents and their metadata lines are concatenated and the suffix array is built anew.
+/// The old shards are left as they are (the caller swaps them out).
+pub fn merge_shards(
+    dir: &Path,
+    names: &[String],
+    out: &Path,
+    shard: usize,
+    threads: usize,
+) -> Result<ShardSummary> {
+    let mut writer = ShardWriter::new(out, shard, "");
+    for name in names {
+        let from = crate::engine::Shard::open(dir, name)?;
+        for local in 0..from.doc_cnt() {
+            let start = from.doc_ix_to_ptr(local) + 2;
+            let end = from.doc_ix_to_ptr(local + 1);
+            writer.add_document_le(
+                &from.ds()[start as usize..end as usize],
+                &from.metadata_line(local),
+            );
+        }
+    }
+    writer.finish(threads)
 }
 
 /// `offset.s` must list, in increasing order from 0, the position of every separator that

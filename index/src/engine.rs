@@ -68,7 +68,7 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn open(dir: &Path, name: &str) -> Result<Self> {
+    pub(crate) fn open(dir: &Path, name: &str) -> Result<Self> {
         let file = |kind: &str| dir.join(format!("{kind}.{name}"));
         let ds = Mapped::open(&file("tokenized"))?;
         let sa = Mapped::open(&file("table"))?;
@@ -135,6 +135,11 @@ impl Shard {
     /// Documents in the shard.
     pub fn doc_cnt(&self) -> u64 {
         self.doc_cnt
+    }
+
+    /// Document `local`'s line of `metadata.s` (empty without metadata).
+    pub fn metadata_line(&self, local: u64) -> String {
+        metadata_line(self, local)
     }
 
     pub(crate) fn ds(&self) -> &[u8] {

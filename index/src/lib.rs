@@ -14,7 +14,9 @@ pub mod substring;
 pub mod tokenizer;
 
 pub use attribution::{credit, Credit};
-pub use build::{build_from_tokenized, pointer_width, write_table, ShardSummary, ShardWriter};
+pub use build::{
+    build_from_tokenized, merge_shards, pointer_width, write_table, ShardSummary, ShardWriter,
+};
 pub use engine::{AttributeParams, Index, Span};
 pub use substring::{substring_duplicates, SubstringDuplicate};
 pub use tokenizer::TextTokenizer;

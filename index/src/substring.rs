@@ -34,37 +34,43 @@ pub struct SubstringDuplicate {
     pub of_metadata: String,
 }
 
-/// Every document from `first_doc` on (counted over all shards) that repeats a span of at least
+/// Every document of the shards numbered `from_shard` or above that repeats a span of at least
 /// `min_len` tokens (at least 2) of an earlier document; at most one report per document (its
-/// first such span).
+/// first such span). Shards are ordered by their numbers (not infini-gram's string order of
+/// file names, in which `10` precedes `2`); shards whose names are not numbers come last.
 pub fn substring_duplicates(
     index: &Index,
-    first_doc: u64,
+    from_shard: u64,
     min_len: usize,
 ) -> Result<Vec<SubstringDuplicate>> {
     let min_len = min_len.max(2);
     let h = min_len.div_ceil(2);
+    let shards = index.shards();
+    let number = |s: usize| shards[s].name().parse::<u64>().unwrap_or(u64::MAX);
+    let mut order: Vec<usize> = (0..shards.len()).collect();
+    order.sort_by_key(|&s| (number(s), s));
     let mut out = Vec::new();
-    let mut doc_base = 0u64;
-    for (sd, shard) in index.shards().iter().enumerate() {
+    for (at, &sd) in order.iter().enumerate() {
+        if number(sd) < from_shard {
+            continue;
+        }
+        let shard = &shards[sd];
         let ds = shard.ds();
         for local in 0..shard.doc_cnt() {
-            let doc_ix = doc_base + local;
-            if doc_ix < first_doc {
-                continue;
-            }
             let start = shard.doc_ix_to_ptr(local) + 2;
             let end = shard.doc_ix_to_ptr(local + 1);
             let doc: Vec<u16> = ds[start as usize..end as usize]
                 .chunks_exact(2)
                 .map(|p| u16::from_le_bytes([p[0], p[1]]))
                 .collect();
-            if let Some(found) = first_repeat(index, sd, start, &doc, min_len, h) {
-                let (s, ptr, offset, length) = found;
+            let earlier = &order[..at];
+            if let Some((s, ptr, offset, length)) =
+                first_repeat(index, earlier, sd, start, &doc, min_len, h)
+            {
                 let of = index.doc_by_ptr(s, ptr, 0)?;
                 let this = index.doc_by_ptr(sd, start, 0)?;
                 out.push(SubstringDuplicate {
-                    doc_ix,
+                    doc_ix: this.doc_ix,
                     of_doc_ix: of.doc_ix,
                     offset,
                     length,
@@ -73,7 +79,6 @@ pub fn substring_duplicates(
                 });
             }
         }
-        doc_base += shard.doc_cnt();
     }
     Ok(out)
 }
@@ -83,6 +88,7 @@ pub fn substring_duplicates(
 /// occurrence, offset in doc, length)`.
 fn first_repeat(
     index: &Index,
+    earlier: &[usize],
     sd: usize,
     start: u64,
     doc: &[u16],
@@ -97,9 +103,11 @@ fn first_repeat(
     let mut k = 0;
     while k + h <= n {
         let block = to_le(&doc[k..k + h]);
-        let occurs_elsewhere = shards[..=sd]
+        let occurs_elsewhere = earlier
             .iter()
-            .map(|s| {
+            .chain([&sd])
+            .map(|&s| {
+                let s = &shards[s];
                 let (a, b) = s.find(&block, (0, s.tok_cnt()));
                 b - a
             })
@@ -111,7 +119,7 @@ fn first_repeat(
             let last = k.min(n - min_len);
             for i in first..=last {
                 let gram = to_le(&doc[i..i + min_len]);
-                if let Some((s, ptr)) = earlier_occurrence(index, sd, start, &gram) {
+                if let Some((s, ptr)) = earlier_occurrence(index, earlier, sd, start, &gram) {
                     let (left, right) = extend(shards[s].ds(), ptr, doc, i, min_len);
                     return Some((s, ptr, i - left, left + min_len + right));
                 }
@@ -122,10 +130,17 @@ fn first_repeat(
     None
 }
 
-/// An occurrence of `gram` before byte `start` of shard `sd` (or anywhere in an earlier shard).
-fn earlier_occurrence(index: &Index, sd: usize, start: u64, gram: &[u8]) -> Option<(usize, u64)> {
+/// An occurrence of `gram` before byte `start` of shard `sd`, or anywhere in an `earlier` shard.
+fn earlier_occurrence(
+    index: &Index,
+    earlier: &[usize],
+    sd: usize,
+    start: u64,
+    gram: &[u8],
+) -> Option<(usize, u64)> {
     let shards = index.shards();
-    for (s, shard) in shards[..sd].iter().enumerate() {
+    for &s in earlier {
+        let shard = &shards[s];
         let (a, b) = shard.find(gram, (0, shard.tok_cnt()));
         if a < b {
             return Some((s, shard.rank_to_ptr(a)));

@@ -232,14 +232,15 @@ proptest! {
             1..4,
         ),
         min_len in 2usize..9,
-        first_doc in 0u64..6,
+        from_shard in 0u64..3,
     ) {
         let dir = tempfile::tempdir().unwrap();
         let index = build(dir.path(), &shards);
         let docs: Vec<&Vec<u16>> = shards.iter().flatten().collect();
-        let found = ledgerflow_index::substring_duplicates(&index, first_doc, min_len).unwrap();
+        let found = ledgerflow_index::substring_duplicates(&index, from_shard, min_len).unwrap();
         let flagged: Vec<u64> = found.iter().map(|f| f.doc_ix).collect();
-        let want: Vec<u64> = (first_doc as usize..docs.len())
+        let first_doc: usize = shards.iter().take(from_shard as usize).map(Vec::len).sum();
+        let want: Vec<u64> = (first_doc..docs.len())
             .filter(|&d| (0..d).any(|e| share(docs[d], docs[e], min_len)))
             .map(|d| d as u64)
             .collect();
@@ -251,6 +252,42 @@ proptest! {
             let span = &d[f.offset..f.offset + f.length];
             prop_assert!(e.windows(f.length).any(|w| w == span), "{:?} not in {:?}", span, e);
             prop_assert!(!f.metadata.is_empty() && !f.of_metadata.is_empty());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Merging shards gives the shard one writer would have built from all their documents
+    /// (same tokens, same suffix array), with each document's metadata line kept.
+    #[test]
+    fn merged_shards_equal_one_built_at_once(shards in corpus()) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = build(dir.path(), &shards);
+        let names: Vec<String> = (0..shards.len()).map(|s| s.to_string()).collect();
+        let merged = tempfile::tempdir().unwrap();
+        let summary =
+            ledgerflow_index::merge_shards(dir.path(), &names, merged.path(), 7, 1).unwrap();
+        let whole = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::new(whole.path(), 7, "corpus");
+        for d in shards.iter().flatten() {
+            w.add_document(d, &serde_json::json!({})).unwrap();
+        }
+        prop_assert_eq!(w.finish(1).unwrap(), summary);
+        for file in ["tokenized.7", "table.7", "offset.7", "unigram.7"] {
+            prop_assert_eq!(
+                std::fs::read(merged.path().join(file)).unwrap(),
+                std::fs::read(whole.path().join(file)).unwrap(),
+                "{}", file
+            );
+        }
+        let merged_index = Index::open(merged.path(), EOS).unwrap();
+        for d in 0..index.total_docs() {
+            prop_assert_eq!(
+                merged_index.doc_by_ix(d, 1000).unwrap().metadata,
+                index.doc_by_ix(d, 1000).unwrap().metadata
+            );
         }
     }
 }
