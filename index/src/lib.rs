@@ -9,6 +9,7 @@
 
 pub mod attribution;
 pub mod build;
+pub mod docmap;
 pub mod engine;
 pub mod substring;
 pub mod tokenizer;
@@ -17,6 +18,7 @@ pub use attribution::{credit, Credit};
 pub use build::{
     build_from_tokenized, merge_shards, pointer_width, write_table, ShardSummary, ShardWriter,
 };
+pub use docmap::{write_document_map, DocRef, DocumentMap};
 pub use engine::{AttributeParams, Index, Span};
 pub use substring::{substring_duplicates, SubstringDuplicate};
 pub use tokenizer::TextTokenizer;

@@ -291,3 +291,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn document_map_finds_every_document_by_its_key() {
+    let shards: Vec<Vec<Vec<u16>>> = (0..3)
+        .map(|s| (0..5).map(|i| vec![s as u16 + 1, i as u16 + 1]).collect())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let index = build(dir.path(), &shards);
+    assert_eq!(
+        ledgerflow_index::write_document_map(&index, "doc", dir.path()).unwrap(),
+        15
+    );
+    let map = ledgerflow_index::DocumentMap::open(dir.path()).unwrap();
+    assert_eq!(map.len(), 15);
+    for s in 0..3 {
+        for i in 0..5u16 {
+            let r = map.get(&format!("{s}-{i}")).unwrap();
+            let doc = index.doc_by_ix(r.doc_ix(&index), 10).unwrap();
+            assert_eq!(doc.token_ids, vec![s as u16 + 1, i + 1]);
+        }
+    }
+    assert!(map.get("3-0").is_none());
+    // The engine still opens the folder with the map in it.
+    assert_eq!(Index::open(dir.path(), EOS).unwrap().total_docs(), 15);
+}
