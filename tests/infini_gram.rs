@@ -341,7 +341,7 @@ fn sql_json(store: &Path, query: &str) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn build_datanet(store: &Path) -> Value {
+fn build_datanet(store: &Path, extra: &[&str]) -> Value {
     let out = run_ok(
         ledgerflow()
             .args([
@@ -351,17 +351,9 @@ fn build_datanet(store: &Path) -> Value {
                 "legal",
                 "--vocab-size",
                 "2000",
-                "--store",
             ])
-            .arg(store),
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn attribute(store: &Path, text: &str) -> Value {
-    let out = run_ok(
-        ledgerflow()
-            .args(["attribute", "--datanet", "legal", "--text", text, "--store"])
+            .args(extra)
+            .arg("--store")
             .arg(store),
     );
     serde_json::from_slice(&out.stdout).unwrap()
@@ -382,18 +374,33 @@ fn datanet_index_attributes_texts_to_their_contributions() {
     let rows = sql_json(&store, "SELECT count(*) AS n FROM legal")[0]["n"]
         .as_u64()
         .unwrap();
-    let first = build_datanet(&store);
+    let first = build_datanet(&store, &[]);
     assert_eq!(first["tokenizer_trained"], json!(true), "{first}");
     assert_eq!(first["new_documents"].as_u64().unwrap(), rows, "{first}");
     assert_eq!(first["shards"], json!(1), "{first}");
+    assert_eq!(first["substring_duplicates"], json!([]), "{first}");
     let index_dir = store.join("indexes/legal");
-    let table = fs::read(index_dir.join("table.0")).unwrap();
+    let table = fs::read(index_dir.join("gen-1/table.0")).unwrap();
 
     let picked = &sql_json(
         &store,
         "SELECT content_hash, contributor, content FROM legal ORDER BY content_hash LIMIT 1",
     )[0];
-    let result = attribute(&store, picked["content"].as_str().unwrap());
+    let out = run_ok(
+        ledgerflow()
+            .args([
+                "attribute",
+                "--datanet",
+                "legal",
+                "--output-id",
+                "output-1",
+                "--text",
+            ])
+            .arg(picked["content"].as_str().unwrap())
+            .arg("--store")
+            .arg(&store),
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     let top = &result["contributions"][0];
     assert_eq!(top["content_hash"], picked["content_hash"], "{result}");
     assert_eq!(top["contributor"], picked["contributor"], "{result}");
@@ -416,37 +423,143 @@ fn datanet_index_attributes_texts_to_their_contributions() {
         result["tokens"].as_u64().unwrap(),
         "the whole text is one span: {result}"
     );
+    // The credits, recorded as `attributions` rows of the output.
+    let recorded = &sql_json(
+        &store,
+        "SELECT count(*) AS n, sum(score) AS total, min(method) AS method, max(content_hash) FILTER (WHERE score = (SELECT max(score) FROM attributions)) AS top FROM attributions WHERE output_id = 'output-1'",
+    )[0];
+    assert_eq!(
+        recorded["n"].as_u64().unwrap() as usize,
+        result["contributions"].as_array().unwrap().len()
+    );
+    assert!((recorded["total"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert_eq!(recorded["method"], json!("span"));
+    assert_eq!(recorded["top"], picked["content_hash"]);
+    // Recording the same output again replaces its rows.
+    run_ok(
+        ledgerflow()
+            .args([
+                "attribute",
+                "--datanet",
+                "legal",
+                "--output-id",
+                "output-1",
+                "--text",
+            ])
+            .arg(picked["content"].as_str().unwrap())
+            .arg("--store")
+            .arg(&store),
+    );
+    assert_eq!(
+        sql_json(&store, "SELECT count(*) AS n FROM attributions")[0]["n"],
+        recorded["n"]
+    );
+
+    // The content-hash map finds the contribution's document.
+    let out = run_ok(
+        ledgerflow()
+            .args(["index", "doc", "--datanet", "legal", "--content-hash"])
+            .arg(picked["content_hash"].as_str().unwrap())
+            .arg("--store")
+            .arg(&store),
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["text"], picked["content"], "{doc}");
+    assert_eq!(
+        doc["metadata"]["contributor"], picked["contributor"],
+        "{doc}"
+    );
 
     // Nothing new: nothing changes.
-    let again = build_datanet(&store);
+    let again = build_datanet(&store, &[]);
     assert_eq!(
-        (again["new_files"].clone(), again["shards"].clone()),
-        (json!(0), json!(1)),
+        (
+            again["new_files"].clone(),
+            again["shards"].clone(),
+            again["generation"].clone()
+        ),
+        (json!(0), json!(1), json!(1)),
         "{again}"
     );
 
-    // A newly committed file (here a copy of one) becomes shard 1; shard 0 is left as it was.
+    // A newly committed file (here a copy of one) becomes shard 1 of the next generation;
+    // shard 0 is left as it was, and every copied document of 50 tokens or more repeats an
+    // earlier one: a `duplicate_substring` penalty.
     let day_file = fs::read_dir(store.join("datanets/legal"))
         .unwrap()
         .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
         .map(|f| f.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "parquet"))
         .unwrap();
-    fs::copy(
-        &day_file,
-        day_file.with_file_name("zz-later-commit.parquet"),
-    )
-    .unwrap();
-    let later = build_datanet(&store);
+    let copy = |name: &str| fs::copy(&day_file, day_file.with_file_name(name)).unwrap();
+    copy("zz-later-commit.parquet");
+    let later = build_datanet(&store, &[]);
     assert_eq!(later["new_files"], json!(1), "{later}");
     assert_eq!(later["tokenizer_trained"], json!(false), "{later}");
     assert_eq!(later["shards"], json!(2), "{later}");
-    assert!(!fs::read(index_dir.join("table.1")).unwrap().is_empty());
+    assert_eq!(later["generation"], json!(2), "{later}");
+    assert!(
+        !index_dir.join("gen-1").exists(),
+        "the old generation is removed"
+    );
+    assert!(!fs::read(index_dir.join("gen-2/table.1"))
+        .unwrap()
+        .is_empty());
     assert_eq!(
-        fs::read(index_dir.join("table.0")).unwrap(),
+        fs::read(index_dir.join("gen-2/table.0")).unwrap(),
         table,
         "shard 0 was rebuilt"
     );
-    let index = Index::open(&index_dir, 0).unwrap();
+    let index = ledgerflow::tokens::open(&index_dir, 0).unwrap();
     assert_eq!(index.shards().len(), 2);
+    let copied = later["new_documents"].as_u64().unwrap();
+    let long_enough = (0..copied)
+        .filter(|&d| {
+            index
+                .doc_by_ix(index.shards()[0].doc_cnt() + d, 0)
+                .unwrap()
+                .doc_len
+                >= 50
+        })
+        .count();
+    assert!(long_enough > 0);
+    let dups = later["substring_duplicates"].as_array().unwrap();
+    assert_eq!(dups.len(), long_enough, "{later}");
+    for d in dups {
+        // A copy repeats its original whole.
+        assert_eq!(d["content_hash"], d["duplicate_of"], "{d}");
+        assert_eq!(d["offset"], json!(0), "{d}");
+    }
+    let charged = &sql_json(
+        &store,
+        "SELECT count(*) AS n, sum(points) AS points FROM penalties WHERE reason = 'duplicate_substring'",
+    )[0];
+    assert_eq!(charged["n"].as_u64().unwrap() as usize, long_enough);
+    assert_eq!(charged["points"].as_u64().unwrap() as usize, long_enough);
+    assert_eq!(
+        sql_json(&store, "SELECT count(*) AS n FROM substring_duplicates")[0]["n"]
+            .as_u64()
+            .unwrap() as usize,
+        long_enough
+    );
+    let probe: Vec<u16> = index
+        .doc_by_ix(index.shards()[0].doc_cnt(), 8)
+        .unwrap()
+        .token_ids;
+    let found = index.find(&probe);
+    let (a, b) = found.segment_by_shard[1];
+    let (before, in_copy) = (found.cnt, b - a);
+    assert!(in_copy >= 1);
+    drop(index);
+
+    // A third small shard: with --merge-factor 3 the three become one, and queries see the
+    // same documents.
+    copy("zzz-third-commit.parquet");
+    let merged = build_datanet(&store, &["--merge-factor", "3"]);
+    assert_eq!(merged["merged"], json!([[0, 1, 2]]), "{merged}");
+    assert_eq!(merged["shards"], json!(1), "{merged}");
+    let index = ledgerflow::tokens::open(&index_dir, 0).unwrap();
+    assert_eq!(index.shards().len(), 1);
+    assert_eq!(index.total_docs(), rows + 2 * copied);
+    assert_eq!(index.count(&probe).count, before + in_copy);
 }

@@ -142,6 +142,9 @@ enum Command {
         /// Spans occurring more often are dropped.
         #[arg(long, default_value_t = 1000)]
         max_cnt: u64,
+        /// Record the credits as `attributions` rows (method `span`) of this model output.
+        #[arg(long)]
+        output_id: Option<String>,
     },
 }
 
@@ -172,6 +175,25 @@ enum IndexCommand {
         /// Memory one shard may use while it is built, in MiB.
         #[arg(long, default_value_t = 4096)]
         memory_mib: u64,
+        /// With --datanet: merge runs of at least this many consecutive small shards (0: never).
+        #[arg(long, default_value_t = 4)]
+        merge_factor: usize,
+        /// With --datanet: shards of fewer tokens than this are small.
+        #[arg(long, default_value_t = 16 << 20)]
+        small_shard_tokens: u64,
+        /// With --datanet: new documents repeating a span of at least this many tokens of an
+        /// earlier one are `duplicate_substring` penalties (0: no such pass).
+        #[arg(long, default_value_t = 50)]
+        substring_min_tokens: usize,
+    },
+    /// The document of a Datanet index holding a contribution (by content hash), as JSON.
+    Doc {
+        #[arg(long)]
+        datanet: String,
+        #[arg(long)]
+        content_hash: String,
+        #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
+        store: String,
     },
     /// Queries an index; prints JSON shaped like infini-gram's results.
     Query {
@@ -582,6 +604,7 @@ fn real_main(command: Command) -> Result<i32> {
             store,
             min_len,
             max_cnt,
+            output_id,
         } => {
             let store = Store::open(&store)?;
             let dir = ledgerflow::tokens::datanet_index_dir(&store, &datanet)?;
@@ -590,10 +613,15 @@ fn real_main(command: Command) -> Result<i32> {
                 max_cnt,
                 ..Default::default()
             };
-            println!(
-                "{}",
-                ledgerflow::tokens::attribute_text(&dir, &text, &params)?
-            );
+            let mut result = ledgerflow::tokens::attribute_text(&dir, &text, &params)?;
+            if let Some(id) = output_id {
+                let now = chrono::Utc::now().timestamp_millis();
+                let rows = io_runtime()?.block_on(ledgerflow::tokens::record_attributions(
+                    &store, &datanet, &id, &result, now,
+                ))?;
+                result["recorded"] = serde_json::json!({ "output_id": id, "rows": rows });
+            }
+            println!("{result}");
             Ok(0)
         }
         Command::Schema => {
@@ -855,6 +883,9 @@ fn index_command(what: IndexCommand) -> Result<()> {
             out,
             threads,
             memory_mib,
+            merge_factor,
+            small_shard_tokens,
+            substring_min_tokens,
         } => {
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -864,11 +895,22 @@ fn index_command(what: IndexCommand) -> Result<()> {
                 let store = Store::open(&store)?;
                 let opts = ledgerflow::tokens::DatanetIndexOptions {
                     vocab_size,
+                    min_frequency: 2,
                     memory_budget: memory_mib << 20,
                     threads,
+                    merge: ledgerflow::tokens::MergePolicy {
+                        factor: merge_factor,
+                        small_shard_tokens,
+                    },
+                    substring_min_tokens: (substring_min_tokens > 0)
+                        .then_some(substring_min_tokens),
                 };
+                let policy = ledgerflow::spec::PenaltyPolicy::default();
                 let report = io_runtime()?.block_on(ledgerflow::tokens::build_datanet_index(
-                    &store, &datanet, &opts,
+                    &store,
+                    &datanet,
+                    &opts,
+                    Some(&policy),
                 ))?;
                 println!("{}", serde_json::to_string(&report)?);
                 return Ok(());
@@ -889,6 +931,16 @@ fn index_command(what: IndexCommand) -> Result<()> {
                     "seconds": started.elapsed().as_secs_f64(),
                 })
             );
+            Ok(())
+        }
+        IndexCommand::Doc {
+            datanet,
+            content_hash,
+            store,
+        } => {
+            let store = Store::open(&store)?;
+            let dir = tokens::datanet_index_dir(&store, &datanet)?;
+            println!("{}", tokens::document_by_hash(&dir, &content_hash)?);
             Ok(())
         }
         IndexCommand::Query { index, eos, query } => {

@@ -8,6 +8,8 @@ use ledgerflow_index::engine::AttributeParams;
 use ledgerflow_index::Index;
 use serde_json::{json, Value};
 
+use crate::spec::PenaltyPolicy;
+
 /// One query of `ledgerflow index query`.
 #[derive(Debug, Clone)]
 pub enum Query {
@@ -69,12 +71,14 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u16>> {
         .collect()
 }
 
-/// Opens the index in `dir`, with a readable error when it is not one.
+/// Opens the index in `dir` (a Datanet index: its current generation), with a readable error
+/// when it is not one.
 pub fn open(dir: &Path, eos: u16) -> Result<Index> {
     if !dir.is_dir() {
         bail!("{}: no such index folder", dir.display());
     }
-    Index::open(dir, eos).with_context(|| format!("opening the index in {}", dir.display()))
+    let shards = shards_dir(dir)?;
+    Index::open(&shards, eos).with_context(|| format!("opening the index in {}", shards.display()))
 }
 
 /// What `ledgerflow index build --datanet` keeps beside the shards (`ledgerflow.json`; the name
@@ -82,10 +86,32 @@ pub fn open(dir: &Path, eos: u16) -> Result<Index> {
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DatanetIndexManifest {
     pub datanet: String,
+    /// The shards live in `gen-<generation>/`; every build that changes them writes the next
+    /// generation (unchanged shards hard-linked) and then replaces this file.
+    #[serde(default)]
+    pub generation: u64,
     /// Datanet files (relative to the store root) already in a shard, in indexing order.
     pub files: Vec<String>,
     pub shards: Vec<ledgerflow_index::ShardSummary>,
     pub vocab_size: usize,
+}
+
+/// When small shards are merged: a run of at least `factor` consecutive shards of fewer than
+/// `small_shard_tokens` tokens each becomes one shard (as many of them as fit the memory budget).
+#[derive(Debug, Clone, Copy)]
+pub struct MergePolicy {
+    /// 0 turns merging off.
+    pub factor: usize,
+    pub small_shard_tokens: u64,
+}
+
+impl Default for MergePolicy {
+    fn default() -> Self {
+        Self {
+            factor: 4,
+            small_shard_tokens: 16 << 20,
+        }
+    }
 }
 
 /// Options of [`build_datanet_index`].
@@ -93,20 +119,46 @@ pub struct DatanetIndexManifest {
 pub struct DatanetIndexOptions {
     /// Vocabulary of the tokenizer trained on the first build.
     pub vocab_size: usize,
+    /// Pairs seen fewer times are not merged by the tokenizer's training.
+    pub min_frequency: u64,
     /// Memory one shard may use while its suffix array is built; shards are cut to fit.
     pub memory_budget: u64,
     pub threads: usize,
+    pub merge: MergePolicy,
+    /// Report new documents that repeat a span of at least this many tokens of an earlier one
+    /// (`None`: no such pass).
+    pub substring_min_tokens: Option<usize>,
+}
+
+/// A new document repeating a span of an earlier one (an `duplicate_substring` penalty).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubstringDuplicateRow {
+    pub content_hash: String,
+    pub contributor: String,
+    pub duplicate_of: String,
+    pub duplicate_of_contributor: String,
+    /// The span: first token in the later document, and length in tokens.
+    pub offset: usize,
+    pub length: usize,
+    #[serde(skip)]
+    position: Option<KafkaPosition>,
 }
 
 /// What one build added.
 #[derive(Debug, serde::Serialize)]
 pub struct DatanetIndexReport {
     pub index: std::path::PathBuf,
+    pub generation: u64,
     pub new_files: usize,
     pub new_documents: u64,
     pub new_shards: Vec<ledgerflow_index::ShardSummary>,
+    /// Shard numbers (of the previous layout) merged into one, per merge.
+    pub merged: Vec<Vec<usize>>,
     pub shards: usize,
     pub tokenizer_trained: bool,
+    pub substring_duplicates: Vec<SubstringDuplicateRow>,
+    /// Rows written to the `penalties` table.
+    pub penalties: usize,
 }
 
 /// Where the token index of `datanet` lives: `<store>/indexes/<datanet>` (a local store only:
@@ -125,12 +177,40 @@ pub fn datanet_index_dir(
     Ok(root.join("indexes").join(datanet))
 }
 
-/// Rows `(content_hash, contributor, content)` of one Datanet Parquet file.
-async fn datanet_rows(
-    store: &ledgerflow_store::Store,
-    rel: &str,
-) -> Result<Vec<(String, String, String)>> {
-    use arrow_array::{Array, StringArray};
+/// The folder holding the current shards of the index in `dir`: `dir` itself for a plain
+/// infini-gram index, `dir/gen-<N>` for a Datanet index (`ledgerflow.json` names N).
+pub fn shards_dir(dir: &Path) -> Result<std::path::PathBuf> {
+    let manifest = dir.join("ledgerflow.json");
+    if !manifest.exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let m: DatanetIndexManifest = serde_json::from_slice(&std::fs::read(&manifest)?)
+        .with_context(|| format!("reading {}", manifest.display()))?;
+    Ok(dir.join(format!("gen-{}", m.generation)))
+}
+
+/// Where a Datanet row came from (for penalty rows).
+#[derive(Debug, Clone)]
+struct KafkaPosition {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: i64,
+}
+
+/// One Datanet row as the index needs it.
+struct DatanetRow {
+    hash: String,
+    contributor: String,
+    content: String,
+    position: KafkaPosition,
+}
+
+/// The rows of one Datanet Parquet file.
+async fn datanet_rows(store: &ledgerflow_store::Store, rel: &str) -> Result<Vec<DatanetRow>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
+    use arrow_array::{Array, ArrayRef};
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let bytes = store
         .get(rel)
@@ -142,37 +222,92 @@ async fn datanet_rows(
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch?;
-        let col = |name: &str| -> Result<StringArray> {
-            let c = batch
+        let col = |name: &str| -> Result<ArrayRef> {
+            batch
                 .column_by_name(name)
-                .with_context(|| format!("{rel} has no column {name}"))?;
-            Ok(c.as_any()
-                .downcast_ref::<StringArray>()
+                .cloned()
+                .with_context(|| format!("{rel} has no column {name}"))
+        };
+        let text = |name: &str| -> Result<arrow_array::StringArray> {
+            Ok(col(name)?
+                .as_string_opt::<i32>()
                 .with_context(|| format!("{rel}: column {name} is not text"))?
                 .clone())
         };
-        let (hash, who, content) = (col("content_hash")?, col("contributor")?, col("content")?);
+        let (hash, who, content, topic) = (
+            text("content_hash")?,
+            text("contributor")?,
+            text("content")?,
+            text("kafka_topic")?,
+        );
+        let partition = col("kafka_partition")?;
+        let partition = partition
+            .as_primitive_opt::<Int32Type>()
+            .context("kafka_partition is not int32")?;
+        let offset = col("kafka_offset")?;
+        let offset = offset
+            .as_primitive_opt::<Int64Type>()
+            .context("kafka_offset is not int64")?;
+        let ts = col("kafka_timestamp")?;
+        let ts = ts
+            .as_primitive_opt::<TimestampMillisecondType>()
+            .context("kafka_timestamp is not a millisecond timestamp")?;
         for i in 0..batch.num_rows() {
             if content.is_null(i) {
                 continue;
             }
-            rows.push((
-                hash.value(i).to_owned(),
-                who.value(i).to_owned(),
-                content.value(i).to_owned(),
-            ));
+            rows.push(DatanetRow {
+                hash: hash.value(i).to_owned(),
+                contributor: who.value(i).to_owned(),
+                content: content.value(i).to_owned(),
+                position: KafkaPosition {
+                    topic: topic.value(i).to_owned(),
+                    partition: partition.value(i),
+                    offset: offset.value(i),
+                    timestamp_ms: ts.value(i),
+                },
+            });
         }
     }
     Ok(rows)
 }
 
+const SHARD_FILES: [&str; 6] = [
+    "tokenized",
+    "offset",
+    "table",
+    "metadata",
+    "metaoff",
+    "unigram",
+];
+
+/// Links (or copies, across file systems) the files of shard `from` in `src` to shard `to`
+/// in `dst`.
+fn link_shard(src: &Path, from: usize, dst: &Path, to: usize) -> Result<()> {
+    for kind in SHARD_FILES {
+        let a = src.join(format!("{kind}.{from}"));
+        let b = dst.join(format!("{kind}.{to}"));
+        if a.exists() && std::fs::hard_link(&a, &b).is_err() {
+            std::fs::copy(&a, &b).with_context(|| format!("copying {}", a.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Indexes what `datanet` committed since the last build: the first build trains the Datanet's
 /// byte-level BPE tokenizer on its texts; every build appends shards (cut to the memory budget)
-/// for the Datanet files not yet indexed and leaves the old shards as they are.
+/// for the Datanet files not yet indexed, reports the new documents that repeat long spans of
+/// earlier ones, merges runs of small shards, and rewrites the content-hash map. Shards are
+/// written into a new generation folder and published by replacing `ledgerflow.json`, so a
+/// reader never sees a half-built index and a crash at any point leaves the last generation.
+/// With `penalties`, every substring duplicate becomes a `duplicate_substring` penalty row
+/// (and a `substring_duplicates` row), written under a name fixed by the generation so a
+/// build that crashed after writing them rewrites the same files.
 pub async fn build_datanet_index(
     store: &ledgerflow_store::Store,
     datanet: &str,
     opts: &DatanetIndexOptions,
+    penalties: Option<&PenaltyPolicy>,
 ) -> Result<DatanetIndexReport> {
     use ledgerflow_index::{build::build_bytes, ShardWriter, TextTokenizer};
     let dir = datanet_index_dir(store, datanet)?;
@@ -204,71 +339,337 @@ pub async fn build_datanet_index(
         .filter(|f| !indexed.contains(f))
         .cloned()
         .collect();
+    let old_dir = dir.join(format!("gen-{}", manifest.generation));
+    let mut report = DatanetIndexReport {
+        index: old_dir.clone(),
+        generation: manifest.generation,
+        new_files: new.len(),
+        new_documents: 0,
+        new_shards: Vec::new(),
+        merged: Vec::new(),
+        shards: manifest.shards.len(),
+        tokenizer_trained: false,
+        substring_duplicates: Vec::new(),
+        penalties: 0,
+    };
+    if new.is_empty() {
+        return Ok(report);
+    }
 
     let tokenizer_path = dir.join("tokenizer.json");
-    let mut trained = false;
     // Rows read to train the tokenizer (in file order), kept for the files indexed below.
-    let mut read: std::collections::BTreeMap<String, Vec<(String, String, String)>> =
-        Default::default();
+    let mut read: std::collections::BTreeMap<String, Vec<DatanetRow>> = Default::default();
     let tokenizer = if tokenizer_path.exists() {
         TextTokenizer::load(&tokenizer_path)?
     } else {
         for f in &files {
             read.insert(f.clone(), datanet_rows(store, f).await?);
         }
-        let texts = read.values().flatten().map(|r| r.2.as_str());
-        let tok = TextTokenizer::train(texts, opts.vocab_size, 2)?;
+        let texts = read.values().flatten().map(|r| r.content.as_str());
+        let tok = TextTokenizer::train(texts, opts.vocab_size, opts.min_frequency)?;
         let tmp = dir.join(".tokenizer.json.partial");
         std::fs::write(&tmp, tok.to_json()?)?;
         std::fs::rename(&tmp, &tokenizer_path)?;
-        trained = true;
+        report.tokenizer_trained = true;
         tok
     };
 
-    let mut new_shards = Vec::new();
+    // The next generation: the current shards linked in, new shards after them.
+    let generation = manifest.generation + 1;
+    let gen_dir = dir.join(format!("gen-{generation}"));
+    if gen_dir.exists() {
+        std::fs::remove_dir_all(&gen_dir)?; // left by a build that crashed
+    }
+    std::fs::create_dir_all(&gen_dir)?;
+    for s in 0..manifest.shards.len() {
+        link_shard(&old_dir, s, &gen_dir, s)?;
+    }
+    let first_new = manifest.shards.len();
+    let mut positions: std::collections::HashMap<String, KafkaPosition> = Default::default();
     let mut writer: Option<ShardWriter> = None;
-    let mut new_documents = 0;
     for f in &new {
         let rows = match read.remove(f) {
             Some(rows) => rows,
             None => datanet_rows(store, f).await?,
         };
-        for (hash, contributor, content) in rows {
-            let ids = tokenizer.encode(&content)?;
+        for row in rows {
+            let ids = tokenizer.encode(&row.content)?;
             let full = writer.as_ref().is_some_and(|w| {
                 w.docs() > 0 && build_bytes(w.tokens() + ids.len() as u64 + 1) > opts.memory_budget
             });
             if full {
                 let w = writer.take().expect("writer");
-                new_shards.push(w.finish(opts.threads)?);
+                report.new_shards.push(w.finish(opts.threads)?);
             }
             let w = writer.get_or_insert_with(|| {
-                ShardWriter::new(&dir, manifest.shards.len() + new_shards.len(), datanet)
+                ShardWriter::new(&gen_dir, first_new + report.new_shards.len(), datanet)
             });
             w.add_document(
                 &ids,
-                &json!({"content_hash": hash, "contributor": contributor}),
+                &json!({"content_hash": row.hash, "contributor": row.contributor}),
             )?;
-            new_documents += 1;
+            positions.insert(row.hash, row.position);
+            report.new_documents += 1;
         }
     }
     if let Some(w) = writer.take() {
-        new_shards.push(w.finish(opts.threads)?);
+        report.new_shards.push(w.finish(opts.threads)?);
     }
+    let mut shards = manifest.shards.clone();
+    shards.extend(report.new_shards.iter().cloned());
+
+    // Exact-substring duplicates among the new documents, before merging renumbers shards.
+    if let (Some(min_len), false) = (opts.substring_min_tokens, report.new_shards.is_empty()) {
+        let index = ledgerflow_index::Index::open(&gen_dir, tokenizer.eos_id())?;
+        for d in ledgerflow_index::substring_duplicates(&index, first_new as u64, min_len)? {
+            let meta = |line: &str| -> (String, String) {
+                let v: Value = serde_json::from_str(line).unwrap_or_default();
+                let field = |k: &str| v["metadata"][k].as_str().unwrap_or_default().to_owned();
+                (field("content_hash"), field("contributor"))
+            };
+            let (content_hash, contributor) = meta(&d.metadata);
+            let (duplicate_of, duplicate_of_contributor) = meta(&d.of_metadata);
+            report.substring_duplicates.push(SubstringDuplicateRow {
+                position: positions.get(&content_hash).cloned(),
+                content_hash,
+                contributor,
+                duplicate_of,
+                duplicate_of_contributor,
+                offset: d.offset,
+                length: d.length,
+            });
+        }
+    }
+
+    merge_small_shards(&gen_dir, &mut shards, opts, &mut report.merged)?;
+    let index = ledgerflow_index::Index::open(&gen_dir, tokenizer.eos_id())?;
+    ledgerflow_index::write_document_map(&index, "content_hash", &gen_dir)?;
+    drop(index);
+
+    if let Some(policy) = penalties {
+        report.penalties = write_substring_tables(
+            store,
+            datanet,
+            generation,
+            &report.substring_duplicates,
+            policy,
+        )
+        .await?;
+    }
+
+    manifest.generation = generation;
     manifest.files.extend(new.iter().cloned());
-    manifest.shards.extend(new_shards.iter().cloned());
+    manifest.shards = shards;
     manifest.vocab_size = tokenizer.vocab_size();
     let tmp = dir.join(".ledgerflow.json.partial");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&manifest)?)?;
     std::fs::rename(&tmp, &manifest_path)?;
-    Ok(DatanetIndexReport {
-        index: dir,
-        new_files: new.len(),
-        new_documents,
-        new_shards,
-        shards: manifest.shards.len(),
-        tokenizer_trained: trained,
-    })
+    // Older generations: readers that opened them keep their mappings.
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| n.starts_with("gen-") && n != format!("gen-{generation}")) {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+    report.index = gen_dir;
+    report.generation = generation;
+    report.shards = manifest.shards.len();
+    Ok(report)
+}
+
+/// Merges runs of small shards of `dir` (see [`MergePolicy`]), renumbering the shards after
+/// each merged run so they stay `0..n`.
+fn merge_small_shards(
+    dir: &Path,
+    shards: &mut Vec<ledgerflow_index::ShardSummary>,
+    opts: &DatanetIndexOptions,
+    merged: &mut Vec<Vec<usize>>,
+) -> Result<()> {
+    use ledgerflow_index::build::build_bytes;
+    if opts.merge.factor < 2 {
+        return Ok(());
+    }
+    // Original numbers of the current shards, to report merges in the caller's terms.
+    let mut origin: Vec<Vec<usize>> = (0..shards.len()).map(|s| vec![s]).collect();
+    loop {
+        let small = |s: &ledgerflow_index::ShardSummary| s.tokens < opts.merge.small_shard_tokens;
+        // The first run of consecutive small shards that fits the budget and is long enough.
+        let mut run = None;
+        let mut i = 0;
+        while i < shards.len() {
+            if !small(&shards[i]) {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            let mut tokens = 0;
+            while j < shards.len()
+                && small(&shards[j])
+                && build_bytes(tokens + shards[j].tokens) <= opts.memory_budget
+            {
+                tokens += shards[j].tokens;
+                j += 1;
+            }
+            if j - i >= opts.merge.factor {
+                run = Some((i, j));
+                break;
+            }
+            i = j.max(i + 1);
+        }
+        let Some((a, b)) = run else {
+            return Ok(());
+        };
+        let names: Vec<String> = (a..b).map(|s| s.to_string()).collect();
+        let staging = dir.join(".merge");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        std::fs::create_dir_all(&staging)?;
+        let summary = ledgerflow_index::merge_shards(dir, &names, &staging, a, opts.threads)?;
+        for s in a..b {
+            for kind in SHARD_FILES {
+                let _ = std::fs::remove_file(dir.join(format!("{kind}.{s}")));
+            }
+        }
+        for (k, s) in (b..shards.len()).enumerate() {
+            for kind in SHARD_FILES {
+                let from = dir.join(format!("{kind}.{s}"));
+                if from.exists() {
+                    std::fs::rename(&from, dir.join(format!("{kind}.{}", a + 1 + k)))?;
+                }
+            }
+        }
+        for kind in SHARD_FILES {
+            let from = staging.join(format!("{kind}.{a}"));
+            if from.exists() {
+                std::fs::rename(&from, dir.join(format!("{kind}.{a}")))?;
+            }
+        }
+        std::fs::remove_dir_all(&staging)?;
+        let joined: Vec<usize> = origin[a..b].concat();
+        merged.push(joined.clone());
+        origin.splice(a..b, [joined]);
+        shards.splice(a..b, [summary]);
+        for (k, s) in shards.iter_mut().enumerate() {
+            s.shard = k;
+        }
+    }
+}
+
+/// Writes the `duplicate_substring` penalties and the `substring_duplicates` rows of one index
+/// generation; returns the number of penalty rows.
+async fn write_substring_tables(
+    store: &ledgerflow_store::Store,
+    datanet: &str,
+    generation: u64,
+    rows: &[SubstringDuplicateRow],
+    policy: &PenaltyPolicy,
+) -> Result<usize> {
+    use arrow_array::{
+        ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+        UInt32Array, UInt64Array,
+    };
+    use ledgerflow_schemas::tables::{penalty_schema, substring_duplicate_schema};
+    use ledgerflow_store::layout::TableRef;
+    let rows: Vec<(&SubstringDuplicateRow, &KafkaPosition)> = rows
+        .iter()
+        .filter_map(|r| r.position.as_ref().map(|p| (r, p)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let file = format!("index-{datanet}-gen{generation}.parquet");
+    let strings = |f: &dyn Fn(&SubstringDuplicateRow) -> &str| -> ArrayRef {
+        std::sync::Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(r, _)| f(r)),
+        ))
+    };
+    let position = |rows: &[(&SubstringDuplicateRow, &KafkaPosition)]| -> Vec<ArrayRef> {
+        vec![
+            std::sync::Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(_, p)| p.topic.as_str()),
+            )),
+            std::sync::Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|(_, p)| p.partition),
+            )),
+            std::sync::Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|(_, p)| p.offset),
+            )),
+            std::sync::Arc::new(
+                TimestampMillisecondArray::from_iter_values(
+                    rows.iter().map(|(_, p)| p.timestamp_ms),
+                )
+                .with_timezone("UTC"),
+            ),
+        ]
+    };
+    let mut written = Vec::new();
+
+    let mut columns: Vec<ArrayRef> = vec![
+        strings(&|r| &r.content_hash),
+        strings(&|r| &r.contributor),
+        std::sync::Arc::new(StringArray::from_iter_values(rows.iter().map(|_| datanet))),
+        strings(&|r| &r.duplicate_of),
+        strings(&|r| &r.duplicate_of_contributor),
+        std::sync::Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|(r, _)| r.offset as u64),
+        )),
+        std::sync::Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|(r, _)| r.length as u64),
+        )),
+    ];
+    columns.extend(position(&rows));
+    let batch = RecordBatch::try_new(substring_duplicate_schema(), columns)?;
+    let mut sink = ledgerflow_store::TableSink::new(
+        TableRef::engine(ledgerflow_schemas::tables::SUBSTRING_DUPLICATES_TABLE),
+        substring_duplicate_schema(),
+        3,
+        64 * 1024,
+    );
+    sink.write(&batch)?;
+    written.extend(sink.finish(&file)?);
+
+    let points = policy.points_for("duplicate_substring");
+    let charged: Vec<(&SubstringDuplicateRow, &KafkaPosition)> =
+        if points > 0 { rows.clone() } else { Vec::new() };
+    if !charged.is_empty() {
+        let mut columns: Vec<ArrayRef> = vec![
+            std::sync::Arc::new(UInt64Array::from_iter_values(charged.iter().map(
+                |(_, p)| (p.timestamp_ms.max(0) as u64 / 1000) / policy.epoch_seconds.max(1),
+            ))),
+            std::sync::Arc::new(StringArray::from_iter_values(
+                charged.iter().map(|(r, _)| r.contributor.as_str()),
+            )),
+            std::sync::Arc::new(StringArray::from_iter_values(
+                charged.iter().map(|_| datanet),
+            )),
+            std::sync::Arc::new(StringArray::from_iter_values(
+                charged.iter().map(|_| "duplicate_substring"),
+            )),
+            std::sync::Arc::new(UInt32Array::from_iter_values(
+                charged.iter().map(|_| points),
+            )),
+            std::sync::Arc::new(StringArray::from_iter_values(
+                charged.iter().map(|(r, _)| r.content_hash.as_str()),
+            )),
+        ];
+        columns.extend(position(&charged));
+        let batch = RecordBatch::try_new(penalty_schema(), columns)?;
+        let mut sink = ledgerflow_store::TableSink::new(
+            TableRef::engine(ledgerflow_schemas::tables::PENALTIES_TABLE),
+            penalty_schema(),
+            3,
+            64 * 1024,
+        );
+        sink.write(&batch)?;
+        written.extend(sink.finish(&file)?);
+    }
+    for f in written {
+        // Deterministic content under a deterministic name: a rerun after a crash rewrites it.
+        store.put(&f.path, f.bytes).await?;
+    }
+    Ok(charged.len())
 }
 
 /// `ledgerflow attribute`: the maximal spans of `text` in the Datanet's index (decoded) and the
@@ -296,4 +697,93 @@ pub fn attribute_text(dir: &Path, text: &str, params: &AttributeParams) -> Resul
         })
         .collect::<Result<_>>()?;
     Ok(json!({ "tokens": ids.len(), "spans": spans, "contributions": credits }))
+}
+
+/// Writes the `contributions` of an [`attribute_text`] result as `attributions` rows of model
+/// output `output_id` (method `span`), created at `created_at_ms`. The file is named by the
+/// output id and the method, so recording an output again replaces its rows of that day
+/// instead of adding to them. Returns the number of rows.
+pub async fn record_attributions(
+    store: &ledgerflow_store::Store,
+    datanet: &str,
+    output_id: &str,
+    result: &Value,
+    created_at_ms: i64,
+) -> Result<usize> {
+    use arrow_array::{
+        ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    };
+    use ledgerflow_schemas::tables::{attribution_schema, ATTRIBUTIONS_TABLE};
+    use std::sync::Arc;
+    if output_id.is_empty() {
+        bail!("an output id is required to record attributions");
+    }
+    let credits = result["contributions"]
+        .as_array()
+        .context("the attribution result has no contributions")?;
+    if credits.is_empty() {
+        return Ok(0);
+    }
+    let text = |k: &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(
+            credits.iter().map(|c| c[k].as_str().unwrap_or_default()),
+        ))
+    };
+    let n = credits.len();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            output_id, n,
+        ))),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            datanet, n,
+        ))),
+        text("content_hash"),
+        text("contributor"),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            "span", n,
+        ))),
+        Arc::new(Float64Array::from_iter_values(
+            credits.iter().map(|c| c["score"].as_f64().unwrap_or(0.0)),
+        )),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(std::iter::repeat_n(created_at_ms, n))
+                .with_timezone("UTC"),
+        ),
+    ];
+    let batch = RecordBatch::try_new(attribution_schema(), columns)?;
+    let mut sink = ledgerflow_store::TableSink::new(
+        ledgerflow_store::layout::TableRef::engine(ATTRIBUTIONS_TABLE),
+        attribution_schema(),
+        3,
+        64 * 1024,
+    )
+    .partitioned_by("created_at");
+    sink.write(&batch)?;
+    let id = hex::encode(&ledgerflow_schemas::contribution::keccak256(output_id.as_bytes())[..12]);
+    for f in sink.finish(&format!("span-{datanet}-{id}.parquet"))? {
+        store.put(&f.path, f.bytes).await?;
+    }
+    Ok(n)
+}
+
+/// `ledgerflow index doc`: the document of a Datanet index holding the contribution
+/// `content_hash` (looked up in `documents.fst`), decoded.
+pub fn document_by_hash(dir: &Path, content_hash: &str) -> Result<Value> {
+    let tokenizer = ledgerflow_index::TextTokenizer::load(&dir.join("tokenizer.json"))?;
+    let shards = shards_dir(dir)?;
+    let index = open(dir, tokenizer.eos_id())?;
+    let map = ledgerflow_index::DocumentMap::open(&shards)?;
+    let key = content_hash.to_ascii_lowercase();
+    let found = map
+        .get(&key)
+        .with_context(|| format!("no document with content hash {key} in {}", dir.display()))?;
+    let doc = index.doc_by_ix(found.doc_ix(&index), u64::MAX / 4)?;
+    let metadata: Value = serde_json::from_str(&doc.metadata).unwrap_or(Value::Null);
+    Ok(json!({
+        "doc_ix": doc.doc_ix,
+        "shard": found.shard,
+        "doc_len": doc.doc_len,
+        "metadata": metadata["metadata"],
+        "text": tokenizer.decode(&doc.token_ids)?,
+    }))
 }

@@ -109,6 +109,57 @@ pub fn penalty_schema() -> SchemaRef {
     PENALTY.clone()
 }
 
+/// Name of the engine's table of exact-substring duplicates found by the token index.
+pub const SUBSTRING_DUPLICATES_TABLE: &str = "substring_duplicates";
+
+static SUBSTRING_DUPLICATE: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("content_hash", DataType::Utf8, false),
+        Field::new("contributor", DataType::Utf8, false),
+        Field::new("datanet", DataType::Utf8, false),
+        Field::new("duplicate_of", DataType::Utf8, false),
+        Field::new("duplicate_of_contributor", DataType::Utf8, false),
+        Field::new("span_offset", DataType::UInt64, false),
+        Field::new("span_tokens", DataType::UInt64, false),
+    ];
+    fields.extend(kafka_position());
+    fields.push(kafka_timestamp());
+    Arc::new(Schema::new(fields))
+});
+
+/// A row of `substring_duplicates`: an accepted contribution (with its Kafka position) that
+/// repeats `span_tokens` tokens, from token `span_offset` on, of the earlier `duplicate_of`.
+pub fn substring_duplicate_schema() -> SchemaRef {
+    SUBSTRING_DUPLICATE.clone()
+}
+
+/// Name of the engine's table of attribution scores (read by the reward epochs).
+pub const ATTRIBUTIONS_TABLE: &str = "attributions";
+
+static ATTRIBUTION: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("output_id", DataType::Utf8, false),
+        Field::new("datanet", DataType::Utf8, false),
+        Field::new("content_hash", DataType::Utf8, false),
+        Field::new("contributor", DataType::Utf8, false),
+        Field::new("method", DataType::Utf8, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new(
+            "created_at",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
+});
+
+/// A row of `attributions`: the share (`score`, summing to 1 over an output's rows of one
+/// method) of model output `output_id` credited to one contribution, by `method` (`span`:
+/// suffix-array span matching; `gradient`: gradient influence). Partitioned by the UTC day of
+/// `created_at`, the time of the output.
+pub fn attribution_schema() -> SchemaRef {
+    ATTRIBUTION.clone()
+}
+
 /// Names of the columns of `required` missing from `actual` or of another type, for plan-time checks.
 pub fn missing_columns(required: &Schema, actual: &Schema) -> Vec<String> {
     required

@@ -80,6 +80,8 @@ pub struct EncodedFile {
 /// Writes one table's rows of one partition; see the crate docs for the commit protocol.
 pub struct TableSink {
     table: TableRef,
+    /// The timestamp column whose UTC day partitions the files.
+    time_column: &'static str,
     schema: SchemaRef,
     props: WriterProperties,
     open: BTreeMap<String, (ArrowWriter<Vec<u8>>, u64)>,
@@ -102,21 +104,32 @@ impl TableSink {
         }
         Self {
             table,
+            time_column: "kafka_timestamp",
             schema,
             props: props.build(),
             open: BTreeMap::new(),
         }
     }
 
-    /// Buffers `batch`, split by the UTC day of its `kafka_timestamp`.
+    /// Partitions by the UTC day of `column` (a millisecond timestamp) instead of
+    /// `kafka_timestamp`, for tables whose rows do not come from Kafka records.
+    pub fn partitioned_by(mut self, column: &'static str) -> Self {
+        self.time_column = column;
+        self
+    }
+
+    /// Buffers `batch`, split by the UTC day of its time column (`kafka_timestamp`).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
         let ts = batch
-            .column_by_name("kafka_timestamp")
+            .column_by_name(self.time_column)
             .ok_or_else(|| {
-                StoreError::Corrupt(format!("rows for `{}` have no kafka_timestamp", self.table))
+                StoreError::Corrupt(format!(
+                    "rows for `{}` have no {}",
+                    self.table, self.time_column
+                ))
             })?
             .as_primitive::<TimestampMillisecondType>();
         let day_no = |i: usize| ts.value(i).div_euclid(86_400_000);

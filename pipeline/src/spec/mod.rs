@@ -281,6 +281,7 @@ fn default_points() -> std::collections::BTreeMap<String, u32> {
     [
         ("duplicate_exact", 1),
         ("duplicate_near", 1),
+        ("duplicate_substring", 1),
         ("flood", 10),
         ("rate_limit", 2),
         ("quality:*", 1),
@@ -339,7 +340,8 @@ impl JobSpec {
     }
 }
 
-/// Every refusal reason a stage gives (besides `quality:<rule>`).
+/// Every refusal reason a stage gives (besides `quality:<rule>`), and `duplicate_substring`,
+/// the penalty the token index charges for repeating a long span of an earlier contribution.
 pub const REASONS: &[&str] = &[
     "malformed",
     "schema",
@@ -354,6 +356,7 @@ pub const REASONS: &[&str] = &[
     "duplicate_exact",
     "duplicate_near",
     "flood",
+    "duplicate_substring",
     "quality:*",
 ];
 
