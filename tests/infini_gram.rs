@@ -563,3 +563,102 @@ fn datanet_index_attributes_texts_to_their_contributions() {
     assert_eq!(index.total_docs(), rows + 2 * copied);
     assert_eq!(index.count(&probe).count, before + in_copy);
 }
+
+/// The index job end to end: Datanet → tokenizer → index (`ledgerflow run jobs/index.yaml`),
+/// then a text quoting three known contributions attributes to their three contributors first,
+/// and the credits land in `attributions`.
+#[test]
+fn index_job_attributes_a_quoting_text_to_its_three_contributors() {
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    run_ok(
+        ledgerflow()
+            .args(["quickstart", "--count", "300", "--store"])
+            .arg(&store),
+    );
+    let job = repo_root().join("jobs/index.yaml");
+    let run = |store: &Path| -> Value {
+        let out = run_ok(ledgerflow().arg("run").arg(&job).arg("--store").arg(store));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = run(&store);
+    assert_eq!(first["tokenizer_trained"], json!(true), "{first}");
+    assert_eq!(first["generation"], json!(1), "{first}");
+    let rows = sql_json(&store, "SELECT count(*) AS n FROM legal")[0]["n"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(first["new_documents"].as_u64().unwrap(), rows);
+    // Nothing committed since: the next run changes nothing.
+    let again = run(&store);
+    assert_eq!(
+        (again["new_files"].clone(), again["generation"].clone()),
+        (json!(0), json!(1))
+    );
+
+    // Three contributions by three contributors, each quoted for 25 words.
+    let all = sql_json(
+        &store,
+        "SELECT content_hash, contributor, content FROM legal ORDER BY content_hash",
+    );
+    let mut picked: Vec<&Value> = Vec::new();
+    for row in &all {
+        if picked.len() < 3
+            && picked
+                .iter()
+                .all(|p| p["contributor"] != row["contributor"])
+        {
+            picked.push(row);
+        }
+    }
+    let quote = |row: &Value| -> String {
+        let words: Vec<&str> = row["content"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let from = words.len() / 4;
+        words[from..(from + 25).min(words.len())].join(" ")
+    };
+    let text = format!(
+        "As the record shows, {} Moreover, {} Finally, {}",
+        quote(picked[0]),
+        quote(picked[1]),
+        quote(picked[2])
+    );
+    let out = run_ok(
+        ledgerflow()
+            .args([
+                "attribute",
+                "--datanet",
+                "legal",
+                "--output-id",
+                "answer-3",
+                "--text",
+            ])
+            .arg(&text)
+            .arg("--store")
+            .arg(&store),
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let top = sql_json(
+        &store,
+        "SELECT contributor, sum(score) AS score FROM attributions WHERE output_id = 'answer-3' \
+         GROUP BY contributor ORDER BY score DESC, contributor LIMIT 3",
+    );
+    let mut got: Vec<&str> = top
+        .iter()
+        .map(|r| r["contributor"].as_str().unwrap())
+        .collect();
+    let mut want: Vec<&str> = picked
+        .iter()
+        .map(|r| r["contributor"].as_str().unwrap())
+        .collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want, "{result}");
+    let share: f64 = top.iter().map(|r| r["score"].as_f64().unwrap()).sum();
+    assert!(
+        share > 0.5,
+        "the three quoted contributors hold {share} of the credit: {result}"
+    );
+}

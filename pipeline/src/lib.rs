@@ -4,8 +4,10 @@
 //! - [`spec`]: job files, checked with positions and hints; [`registry`]: every node type.
 //! - [`plan`]: the DAG (inputs, cycles, schemas); [`runtime`]: running it with checkpoints.
 //! - [`sql`]: read-only DataFusion over a store; [`gen`]: deterministic signed test data.
-//! - [`tokens`]: `ledgerflow index` (infini-gram-compatible token indexes and their queries).
+//! - [`tokens`]: `ledgerflow index` (infini-gram-compatible token indexes and their queries);
+//!   [`batch`]: batch jobs that tokenize and index committed Datanet data.
 
+pub mod batch;
 pub mod gen;
 pub mod job_schema;
 pub mod naming;

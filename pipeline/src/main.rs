@@ -537,6 +537,11 @@ fn real_main(command: Command) -> Result<i32> {
                 .unwrap_or_else(|| "./data".into());
             let store = Store::open(&store_url)?;
             let rt = io_runtime()?;
+            if ledgerflow::batch::is_batch_job(&spec) {
+                let report = rt.block_on(ledgerflow::batch::run_index_job(&spec, &store))?;
+                println!("{}", serde_json::to_string(&report)?);
+                return Ok(0);
+            }
             let stop = shutdown_on_signal(&rt);
             let uses_embedded = spec.nodes.iter().any(|n| matches!(&n.built, ledgerflow::registry::Built::Kafka(c) if c.brokers == ledgerflow_kafka::EMBEDDED));
             let broker = if uses_embedded {

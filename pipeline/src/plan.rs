@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use arrow_schema::SchemaRef;
-use ledgerflow_schemas::tables::{kafka_record_schema, missing_columns};
+use ledgerflow_schemas::tables::{contribution_schema, kafka_record_schema, missing_columns};
 
 use crate::registry::{Built, Role};
 use crate::spec::{did_you_mean, Diagnostic, JobSpec};
@@ -96,6 +96,46 @@ impl Plan {
             ));
         }
 
+        // A `datanet` source makes a batch job: only batch stages and sinks, and no streaming
+        // node takes their rows.
+        if let Some(src) = spec
+            .nodes
+            .iter()
+            .find(|n| matches!(n.built, Built::DatanetSource(_)))
+        {
+            for node in spec
+                .nodes
+                .iter()
+                .filter(|n| !crate::batch::is_batch(&n.built))
+            {
+                diags.push(d(
+                    node.pos,
+                    format!("{}.{}", section_of(node.role), node.name),
+                    format!(
+                        "`{}` ({}) cannot run in a batch job: the source `{}` is a datanet",
+                        node.name, node.kind, src.name
+                    ),
+                    Some("a batch job is a `datanet` source, a `tokenize` stage and a `token_index` sink".into()),
+                ));
+            }
+        } else {
+            for node in spec
+                .nodes
+                .iter()
+                .filter(|n| crate::batch::is_batch(&n.built))
+            {
+                diags.push(d(
+                    node.pos,
+                    format!("{}.{}", section_of(node.role), node.name),
+                    format!(
+                        "`{}` ({}) runs in batch jobs only, whose source is a `datanet`",
+                        node.name, node.kind
+                    ),
+                    Some("index committed data with a separate job (see jobs/index.yaml)".into()),
+                ));
+            }
+        }
+
         // Kahn's algorithm; what is left over sits on a cycle.
         let mut indegree: Vec<usize> = upstream.iter().map(Vec::len).collect();
         let mut ready: Vec<usize> = (0..n).filter(|&i| indegree[i] == 0).rev().collect();
@@ -148,6 +188,37 @@ impl Plan {
             let key = format!("{}.{}.inputs", section_of(node.role), node.name);
             let result = match &node.built {
                 Built::Kafka(_) => Ok(kafka_record_schema()),
+                Built::DatanetSource(_) => Ok(contribution_schema()),
+                Built::Tokenize(_) => {
+                    let want = contribution_schema();
+                    let problems: Vec<String> = inputs
+                        .iter()
+                        .flat_map(|s| missing_columns(&want, s))
+                        .collect();
+                    if problems.is_empty() {
+                        Ok(crate::batch::tokenized_schema())
+                    } else {
+                        Err(format!(
+                            "`tokenize` takes Datanet rows (from a `datanet` source): {}",
+                            problems.join("; ")
+                        ))
+                    }
+                }
+                Built::TokenIndex(_) => {
+                    let want = crate::batch::tokenized_schema();
+                    let problems: Vec<String> = inputs
+                        .iter()
+                        .flat_map(|s| missing_columns(&want, s))
+                        .collect();
+                    if problems.is_empty() {
+                        Ok(want)
+                    } else {
+                        Err(format!(
+                            "a token_index sink takes token rows (from `tokenize`): {}",
+                            problems.join("; ")
+                        ))
+                    }
+                }
                 Built::Stage(f) => f.output_schema(&inputs),
                 Built::Datanet(c) => {
                     let want = c.input_schema();

@@ -39,6 +39,10 @@ pub enum Built {
     Kafka(KafkaSourceConfig),
     Stage(Arc<dyn StageFactory>),
     Datanet(TableSinkConfig),
+    /// Batch jobs (see [`crate::batch`]).
+    DatanetSource(crate::batch::DatanetSourceConfig),
+    Tokenize(crate::batch::TokenizeConfig),
+    TokenIndex(crate::batch::TokenIndexConfig),
 }
 
 /// One registered source, stage or sink type.
@@ -122,6 +126,39 @@ static REGISTRY: &[Entry] = &[
             let c: TableSinkConfig = parse(v)?;
             c.check()?;
             Ok(Built::Datanet(c))
+        },
+    },
+    Entry {
+        name: "datanet",
+        role: Role::Source,
+        doc: "Batch: the files a Datanet committed since the job's last run (for `tokenize` and `token_index`).",
+        schema: || schemars::schema_for!(crate::batch::DatanetSourceConfig),
+        build: |v| {
+            let c: crate::batch::DatanetSourceConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::DatanetSource(c))
+        },
+    },
+    Entry {
+        name: "tokenize",
+        role: Role::Stage,
+        doc: "Batch: token ids of each contribution with the Datanet's byte-level BPE tokenizer (trained on the first run).",
+        schema: || schemars::schema_for!(crate::batch::TokenizeConfig),
+        build: |v| {
+            let c: crate::batch::TokenizeConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Tokenize(c))
+        },
+    },
+    Entry {
+        name: "token_index",
+        role: Role::Sink,
+        doc: "Batch: the Datanet's suffix-array index in infini-gram's format (new shards, merges of small shards, exact-substring duplicates as penalties).",
+        schema: || schemars::schema_for!(crate::batch::TokenIndexConfig),
+        build: |v| {
+            let c: crate::batch::TokenIndexConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::TokenIndex(c))
         },
     },
 ];

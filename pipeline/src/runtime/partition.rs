@@ -174,6 +174,12 @@ impl PartitionPipeline {
                     }
                     Node::Op(op, ctx)
                 }
+                Built::DatanetSource(_) | Built::Tokenize(_) | Built::TokenIndex(_) => {
+                    return Err(RunError::Setup(format!(
+                        "`{}` is a batch node; batch jobs run with crate::batch",
+                        n.name
+                    )))
+                }
                 Built::Datanet(c) => Node::Sink(Box::new(TableSink::new(
                     TableRef::datanet(&c.datanet),
                     c.input_schema(),
