@@ -42,10 +42,13 @@ for r in "${rows[@]}"; do
     "$(echo "$size / 2 / $wall" | bc -l)" "$(echo "$base / $wall" | bc -l)"
 done
 echo
-echo "# $nq count queries (1-10 tokens, from the corpus), one thread, best of 3"
-theirs=$(taskset -c 0 "$venv/bin/python" benchmarks/index_query.py "$out/reference" "$out/tokenized/queries.txt" 3)
-ours=$(taskset -c 0 "$bindir/examples/bench_query" "$out/ours" "$out/tokenized/queries.txt" 3)
+echo "# $nq count queries (1-20 tokens, from the corpus) and 100 attribute queries (200-token outputs), one thread, best of 3"
+theirs=$(taskset -c 0 "$venv/bin/python" benchmarks/index_query.py "$out/reference" "$out/tokenized/queries.txt" "$out/tokenized/outputs.txt" 3)
+ours=$(taskset -c 0 "$bindir/examples/bench_query" "$out/ours" "$out/tokenized/queries.txt" "$out/tokenized/outputs.txt" 3)
 echo "$theirs"; echo "$ours"
-t=$(awk '{print $2}' <<<"$theirs") o=$(awk '{print $2}' <<<"$ours")
-[ "$(awk '{print $4}' <<<"$theirs")" = "$(awk '{print $4}' <<<"$ours")" ] && echo "same total count"
-printf "ledgerflow vs infini-gram: %.2f\n" "$(echo "$o / $t" | bc -l)"
+field() { awk -v k="$2" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)}' <<<"$1"; }
+[ "$(field "$theirs" total)" = "$(field "$ours" total)" ] && echo "same total count"
+[ "$(field "$theirs" spans)" = "$(field "$ours" spans)" ] && echo "same number of attributed spans"
+printf "count throughput, ledgerflow vs infini-gram: %.2f\n" "$(echo "$(field "$ours" count) / $(field "$theirs" count)" | bc -l)"
+printf "count median latency: ledgerflow %s us, infini-gram %s us (%.2fx lower)\n" "$(field "$ours" median_us)" "$(field "$theirs" median_us)" "$(echo "$(field "$theirs" median_us) / $(field "$ours" median_us)" | bc -l)"
+printf "attribute median latency (200 tokens): ledgerflow %s ms, infini-gram %s ms (%.2fx lower)\n" "$(field "$ours" median_ms)" "$(field "$theirs" median_ms)" "$(echo "$(field "$theirs" median_ms) / $(field "$ours" median_ms)" | bc -l)"

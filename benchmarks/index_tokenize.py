@@ -3,8 +3,10 @@
 usage: index_tokenize.py CONTRIBUTIONS.jsonl OUT_DIR QUERIES
 Word-level tokens (ids in order of first appearance, folded into [0, 65534) beyond that), every
 document preceded by the separator 0xFFFF, as infini-gram's tokenizing step writes them:
-OUT_DIR/tokenized.0 and OUT_DIR/offset.0. Writes QUERIES n-grams (1 to 10 tokens) sampled from
-the corpus with a fixed seed to OUT_DIR/queries.txt, one comma-separated query per line.
+OUT_DIR/tokenized.0 and OUT_DIR/offset.0. Writes QUERIES n-grams (1 to 20 tokens) sampled from
+the corpus with a fixed seed to OUT_DIR/queries.txt, one comma-separated query per line, and
+100 "model outputs" of 200 tokens (pieces of 10-60 tokens of random documents joined by random
+tokens) to OUT_DIR/outputs.txt.
 """
 import array
 import json
@@ -41,5 +43,14 @@ with open(os.path.join(out, "queries.txt"), "w") as f:
     for _ in range(nq):
         d = docs[rng.randrange(len(docs))]
         a = rng.randrange(len(d))
-        f.write(",".join(map(str, d[a:a + rng.randint(1, 10)])) + "\n")
+        f.write(",".join(map(str, d[a:a + rng.randint(1, 20)])) + "\n")
+with open(os.path.join(out, "outputs.txt"), "w") as f:
+    for _ in range(100):
+        ids = []
+        while len(ids) < 200:
+            d = docs[rng.randrange(len(docs))]
+            a = rng.randrange(len(d))
+            ids.extend(d[a:a + rng.randint(10, 60)])
+            ids.append(rng.randrange(65534))
+        f.write(",".join(map(str, ids[:200])) + "\n")
 print(f"{len(docs)} documents, {len(tokens)} tokens, {len(vocab)} distinct words")
