@@ -359,6 +359,25 @@ fn build_datanet(store: &Path, extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `ledgerflow attribute` of `text` in the Datanet `legal`, recorded as output `output_id`.
+fn attribute_recorded(store: &Path, text: &str, output_id: &str) -> Value {
+    let out = run_ok(
+        ledgerflow()
+            .args([
+                "attribute",
+                "--datanet",
+                "legal",
+                "--output-id",
+                output_id,
+                "--text",
+            ])
+            .arg(text)
+            .arg("--store")
+            .arg(store),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A Datanet indexed with its own tokenizer: every accepted contribution becomes a document
 /// with its content hash and contributor, a contribution's own text attributes to it first,
 /// and data committed later becomes a new shard without touching the old ones.
@@ -386,21 +405,8 @@ fn datanet_index_attributes_texts_to_their_contributions() {
         &store,
         "SELECT content_hash, contributor, content FROM legal ORDER BY content_hash LIMIT 1",
     )[0];
-    let out = run_ok(
-        ledgerflow()
-            .args([
-                "attribute",
-                "--datanet",
-                "legal",
-                "--output-id",
-                "output-1",
-                "--text",
-            ])
-            .arg(picked["content"].as_str().unwrap())
-            .arg("--store")
-            .arg(&store),
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = picked["content"].as_str().unwrap();
+    let result = attribute_recorded(&store, text, "output-1");
     let top = &result["contributions"][0];
     assert_eq!(top["content_hash"], picked["content_hash"], "{result}");
     assert_eq!(top["contributor"], picked["contributor"], "{result}");
@@ -436,20 +442,7 @@ fn datanet_index_attributes_texts_to_their_contributions() {
     assert_eq!(recorded["method"], json!("span"));
     assert_eq!(recorded["top"], picked["content_hash"]);
     // Recording the same output again replaces its rows.
-    run_ok(
-        ledgerflow()
-            .args([
-                "attribute",
-                "--datanet",
-                "legal",
-                "--output-id",
-                "output-1",
-                "--text",
-            ])
-            .arg(picked["content"].as_str().unwrap())
-            .arg("--store")
-            .arg(&store),
-    );
+    attribute_recorded(&store, text, "output-1");
     assert_eq!(
         sql_json(&store, "SELECT count(*) AS n FROM attributions")[0]["n"],
         recorded["n"]
@@ -625,21 +618,7 @@ fn index_job_attributes_a_quoting_text_to_its_three_contributors() {
         quote(picked[1]),
         quote(picked[2])
     );
-    let out = run_ok(
-        ledgerflow()
-            .args([
-                "attribute",
-                "--datanet",
-                "legal",
-                "--output-id",
-                "answer-3",
-                "--text",
-            ])
-            .arg(&text)
-            .arg("--store")
-            .arg(&store),
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = attribute_recorded(&store, &text, "answer-3");
     let top = sql_json(
         &store,
         "SELECT contributor, sum(score) AS score FROM attributions WHERE output_id = 'answer-3' \

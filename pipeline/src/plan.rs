@@ -189,51 +189,30 @@ impl Plan {
             let result = match &node.built {
                 Built::Kafka(_) => Ok(kafka_record_schema()),
                 Built::DatanetSource(_) => Ok(contribution_schema()),
-                Built::Tokenize(_) => {
-                    let want = contribution_schema();
-                    let problems: Vec<String> = inputs
-                        .iter()
-                        .flat_map(|s| missing_columns(&want, s))
-                        .collect();
-                    if problems.is_empty() {
-                        Ok(crate::batch::tokenized_schema())
-                    } else {
-                        Err(format!(
-                            "`tokenize` takes Datanet rows (from a `datanet` source): {}",
-                            problems.join("; ")
-                        ))
-                    }
-                }
+                Built::Tokenize(_) => requires(
+                    &contribution_schema(),
+                    &inputs,
+                    "`tokenize` takes Datanet rows (from a `datanet` source)",
+                )
+                .map(|()| crate::batch::tokenized_schema()),
                 Built::TokenIndex(_) => {
                     let want = crate::batch::tokenized_schema();
-                    let problems: Vec<String> = inputs
-                        .iter()
-                        .flat_map(|s| missing_columns(&want, s))
-                        .collect();
-                    if problems.is_empty() {
-                        Ok(want)
-                    } else {
-                        Err(format!(
-                            "a token_index sink takes token rows (from `tokenize`): {}",
-                            problems.join("; ")
-                        ))
-                    }
+                    requires(
+                        &want,
+                        &inputs,
+                        "a token_index sink takes token rows (from `tokenize`)",
+                    )
+                    .map(|()| want)
                 }
                 Built::Stage(f) => f.output_schema(&inputs),
                 Built::Datanet(c) => {
                     let want = c.input_schema();
-                    let problems: Vec<String> = inputs
-                        .iter()
-                        .flat_map(|s| missing_columns(&want, s))
-                        .collect();
-                    if problems.is_empty() {
-                        Ok(want)
-                    } else {
-                        Err(format!(
-                            "a datanet sink takes contribution rows (e.g. from `decode_contributions`): {}",
-                            problems.join("; ")
-                        ))
-                    }
+                    requires(
+                        &want,
+                        &inputs,
+                        "a datanet sink takes contribution rows (e.g. from `decode_contributions`)",
+                    )
+                    .map(|()| want)
                 }
             };
             match result {
@@ -257,6 +236,19 @@ impl Plan {
                 .map(|s| s.expect("every node typed"))
                 .collect(),
         })
+    }
+}
+
+/// Whether every input has the columns of `want`; else `what` and the problems.
+fn requires(want: &SchemaRef, inputs: &[SchemaRef], what: &str) -> Result<(), String> {
+    let problems: Vec<String> = inputs
+        .iter()
+        .flat_map(|s| missing_columns(want, s))
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{what}: {}", problems.join("; ")))
     }
 }
 
