@@ -130,7 +130,7 @@ pub struct DatanetIndexOptions {
     pub substring_min_tokens: Option<usize>,
 }
 
-/// A new document repeating a span of an earlier one (an `duplicate_substring` penalty).
+/// A new document repeating a span of an earlier one (a `duplicate_substring` penalty).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SubstringDuplicateRow {
     pub content_hash: String,
