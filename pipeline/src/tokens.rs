@@ -571,7 +571,6 @@ async fn write_substring_tables(
         UInt32Array, UInt64Array,
     };
     use ledgerflow_schemas::tables::{penalty_schema, substring_duplicate_schema};
-    use ledgerflow_store::layout::TableRef;
     let rows: Vec<(&SubstringDuplicateRow, &KafkaPosition)> = rows
         .iter()
         .filter_map(|r| r.position.as_ref().map(|p| (r, p)))
@@ -604,7 +603,6 @@ async fn write_substring_tables(
             ),
         ]
     };
-    let mut written = Vec::new();
 
     let mut columns: Vec<ArrayRef> = vec![
         strings(&|r| &r.content_hash),
@@ -621,55 +619,70 @@ async fn write_substring_tables(
     ];
     columns.extend(position(&rows));
     let batch = RecordBatch::try_new(substring_duplicate_schema(), columns)?;
-    let mut sink = ledgerflow_store::TableSink::new(
-        TableRef::engine(ledgerflow_schemas::tables::SUBSTRING_DUPLICATES_TABLE),
-        substring_duplicate_schema(),
-        3,
-        64 * 1024,
-    );
-    sink.write(&batch)?;
-    written.extend(sink.finish(&file)?);
+    // Deterministic content under a deterministic name: a rerun after a crash rewrites it.
+    put_table_file(
+        store,
+        ledgerflow_schemas::tables::SUBSTRING_DUPLICATES_TABLE,
+        &batch,
+        "kafka_timestamp",
+        &file,
+    )
+    .await?;
 
     let points = policy.points_for("duplicate_substring");
-    let charged: Vec<(&SubstringDuplicateRow, &KafkaPosition)> =
-        if points > 0 { rows.clone() } else { Vec::new() };
-    if !charged.is_empty() {
-        let mut columns: Vec<ArrayRef> = vec![
-            std::sync::Arc::new(UInt64Array::from_iter_values(charged.iter().map(
-                |(_, p)| (p.timestamp_ms.max(0) as u64 / 1000) / policy.epoch_seconds.max(1),
-            ))),
-            std::sync::Arc::new(StringArray::from_iter_values(
-                charged.iter().map(|(r, _)| r.contributor.as_str()),
-            )),
-            std::sync::Arc::new(StringArray::from_iter_values(
-                charged.iter().map(|_| datanet),
-            )),
-            std::sync::Arc::new(StringArray::from_iter_values(
-                charged.iter().map(|_| "duplicate_substring"),
-            )),
-            std::sync::Arc::new(UInt32Array::from_iter_values(
-                charged.iter().map(|_| points),
-            )),
-            std::sync::Arc::new(StringArray::from_iter_values(
-                charged.iter().map(|(r, _)| r.content_hash.as_str()),
-            )),
-        ];
-        columns.extend(position(&charged));
-        let batch = RecordBatch::try_new(penalty_schema(), columns)?;
-        let mut sink = ledgerflow_store::TableSink::new(
-            TableRef::engine(ledgerflow_schemas::tables::PENALTIES_TABLE),
-            penalty_schema(),
-            3,
-            64 * 1024,
-        );
-        sink.write(&batch)?;
-        written.extend(sink.finish(&file)?);
+    if points == 0 {
+        return Ok(0);
     }
-    for f in written {
-        // Deterministic content under a deterministic name: a rerun after a crash rewrites it.
+    let mut columns: Vec<ArrayRef> = vec![
+        std::sync::Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, p)| {
+            (p.timestamp_ms.max(0) as u64 / 1000) / policy.epoch_seconds.max(1)
+        }))),
+        std::sync::Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(r, _)| r.contributor.as_str()),
+        )),
+        std::sync::Arc::new(StringArray::from_iter_values(rows.iter().map(|_| datanet))),
+        std::sync::Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|_| "duplicate_substring"),
+        )),
+        std::sync::Arc::new(UInt32Array::from_iter_values(rows.iter().map(|_| points))),
+        std::sync::Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(r, _)| r.content_hash.as_str()),
+        )),
+    ];
+    columns.extend(position(&rows));
+    let batch = RecordBatch::try_new(penalty_schema(), columns)?;
+    put_table_file(
+        store,
+        ledgerflow_schemas::tables::PENALTIES_TABLE,
+        &batch,
+        "kafka_timestamp",
+        &file,
+    )
+    .await?;
+    Ok(rows.len())
+}
+
+/// Writes `batch` into the engine table `table` as one Parquet file named `file` per UTC day of
+/// `time_column`, replacing files of that name.
+async fn put_table_file(
+    store: &ledgerflow_store::Store,
+    table: &str,
+    batch: &arrow_array::RecordBatch,
+    time_column: &'static str,
+    file: &str,
+) -> Result<()> {
+    let mut sink = ledgerflow_store::TableSink::new(
+        ledgerflow_store::layout::TableRef::engine(table),
+        batch.schema(),
+        3,
+        64 * 1024,
+    )
+    .partitioned_by(time_column);
+    sink.write(batch)?;
+    for f in sink.finish(file)? {
         store.put(&f.path, f.bytes).await?;
     }
-    Ok(charged.len())
+    Ok(())
 }
 
 /// `ledgerflow attribute`: the maximal spans of `text` in the Datanet's index (decoded) and the
@@ -751,18 +764,9 @@ pub async fn record_attributions(
         ),
     ];
     let batch = RecordBatch::try_new(attribution_schema(), columns)?;
-    let mut sink = ledgerflow_store::TableSink::new(
-        ledgerflow_store::layout::TableRef::engine(ATTRIBUTIONS_TABLE),
-        attribution_schema(),
-        3,
-        64 * 1024,
-    )
-    .partitioned_by("created_at");
-    sink.write(&batch)?;
     let id = hex::encode(&ledgerflow_schemas::contribution::keccak256(output_id.as_bytes())[..12]);
-    for f in sink.finish(&format!("span-{datanet}-{id}.parquet"))? {
-        store.put(&f.path, f.bytes).await?;
-    }
+    let file = format!("span-{datanet}-{id}.parquet");
+    put_table_file(store, ATTRIBUTIONS_TABLE, &batch, "created_at", &file).await?;
     Ok(n)
 }
 
@@ -770,9 +774,8 @@ pub async fn record_attributions(
 /// `content_hash` (looked up in `documents.fst`), decoded.
 pub fn document_by_hash(dir: &Path, content_hash: &str) -> Result<Value> {
     let tokenizer = ledgerflow_index::TextTokenizer::load(&dir.join("tokenizer.json"))?;
-    let shards = shards_dir(dir)?;
     let index = open(dir, tokenizer.eos_id())?;
-    let map = ledgerflow_index::DocumentMap::open(&shards)?;
+    let map = ledgerflow_index::DocumentMap::open(index.dir())?;
     let key = content_hash.to_ascii_lowercase();
     let found = map
         .get(&key)
