@@ -20,16 +20,19 @@ lf=$CARGO_TARGET_DIR/release/ledgerflow
 [ -x "$lf" ] || cargo build -p ledgerflow >&2
 data=$(contributions "$docs" "$bytes")
 out=benchmarks/out/index-$docs-$bytes
-rm -rf "$out" && mkdir -p "$out/tokenized" "$out/empty" "$out/reference"
+rm -rf "$out" && mkdir -p "$out/tokenized" "$out/empty" "$out/reference" "$out/ours"
 python3 benchmarks/index_tokenize.py "$data" "$out/tokenized" "$nq"
+# Both indexers write table.0 beside a copy of the same tokenized.0 / offset.0.
 cp "$out/tokenized/tokenized.0" "$out/tokenized/offset.0" "$out/reference/"
+cp "$out/tokenized/tokenized.0" "$out/tokenized/offset.0" "$out/ours/"
+sync
 size=$(stat -c %s "$out/tokenized/tokenized.0")
 echo "# tokenized.0: $size bytes ($((size / 2)) tokens), 2 cores"
 rows=()
 rows+=("$(measure infini-gram "$venv/bin/python" -m infini_gram.indexing --data_dir "$PWD/$out/empty" \
   --save_dir "$PWD/$out/reference" --mem 16 --cpus 2 --token_dtype u16 --ulimit "$(ulimit -Hn)")")
 # The code of `ledgerflow index build --from-tokenized`, as an example of its crate.
-rows+=("$(measure ledgerflow "$bindir/examples/build_index" "$out/tokenized" "$out/ours" 2)")
+rows+=("$(measure ledgerflow "$bindir/examples/build_index" "$out/ours" "$out/ours" 2)")
 cmp "$out/ours/table.0" "$out/reference/table.0" && echo "table.0: byte-identical to infini-gram's"
 echo
 echo "| indexer | wall s | CPU s | peak RSS MB | tokens/s | speed vs infini-gram |"

@@ -20,7 +20,7 @@
 //! split the file into, i.e. on its CPU count and memory flag).
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use libsais::SuffixArrayConstruction;
@@ -68,6 +68,30 @@ macro_rules! sais {
 /// The suffix array of a little-endian u16 token file, as byte offsets in infini-gram's order,
 /// written to `out` with `pointer_width(le_bytes.len())` bytes per entry.
 pub fn write_table(le_bytes: &[u8], out: &Path, threads: usize) -> Result<()> {
+    check_even(le_bytes, out)?;
+    let mut slots: Vec<u16> = le_bytes
+        .chunks_exact(2)
+        .map(|pair| u16::from_ne_bytes([pair[0], pair[1]]))
+        .collect();
+    sort_keys_in_place(&mut slots);
+    sort_and_write(&slots, out, threads)
+}
+
+/// [`write_table`] for tokens the caller no longer needs: they are turned into sort keys where
+/// they lie (no copy of the shard in memory), so `le_bytes` holds no tokens afterwards.
+fn write_table_in_place(le_bytes: &mut [u8], out: &Path, threads: usize) -> Result<()> {
+    check_even(le_bytes, out)?;
+    match bytemuck::try_cast_slice_mut::<u8, u16>(le_bytes) {
+        Ok(slots) => {
+            sort_keys_in_place(slots);
+            sort_and_write(slots, out, threads)
+        }
+        // A buffer that is not 2-byte aligned (allocators align far more, but nothing promises it).
+        Err(_) => write_table(le_bytes, out, threads),
+    }
+}
+
+fn check_even(le_bytes: &[u8], out: &Path) -> Result<()> {
     if le_bytes.len() % 2 != 0 {
         return Err(IndexError::Format(format!(
             "{}: a u16 token file has an even number of bytes, this one {}",
@@ -75,40 +99,90 @@ pub fn write_table(le_bytes: &[u8], out: &Path, threads: usize) -> Result<()> {
             le_bytes.len()
         )));
     }
-    // Compare tokens as infini-gram does: by their stored bytes, i.e. as big-endian values of
-    // the little-endian pair.
-    let keys: Vec<u16> = le_bytes
-        .chunks_exact(2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]))
-        .collect();
-    let width = pointer_width(le_bytes.len() as u64);
-    let mut w = BufWriter::with_capacity(1 << 20, File::create(out)?);
-    if keys.is_empty() {
-        // Nothing to sort (libsais wants at least one symbol).
-    } else if keys.len() < i32::MAX as usize {
-        let sa = sais!(&keys, threads, in_owned_buffer32);
-        drop(keys);
-        write_entries(&mut w, sa.iter().map(|&p| p as u64), width)?;
-    } else {
-        let sa = sais!(&keys, threads, in_owned_buffer64);
-        drop(keys);
-        write_entries(&mut w, sa.iter().map(|&p| p as u64), width)?;
-    }
-    w.into_inner()
-        .map_err(|e| IndexError::Io(e.into_error()))?
-        .sync_all()?;
     Ok(())
 }
 
-fn write_entries(
-    w: &mut impl Write,
-    positions: impl Iterator<Item = u64>,
-    width: usize,
-) -> Result<()> {
-    for p in positions {
-        w.write_all(&(p * 2).to_le_bytes()[..width])?;
+/// Turns each u16 slot, holding a stored little-endian token pair of `tokenized.s` as it lies in
+/// memory, into the key the suffix array sorts it by. infini-gram compares `tokenized.s` by its
+/// bytes, i.e. each pair as the big-endian value `u16::from_be_bytes`; the keys are those values
+/// renumbered densely (the rank of each among the distinct values that occur). Renumbering keeps
+/// every comparison, so the suffix array is the same, and it keeps libsais's bucket arrays
+/// (indexed by symbol) small and in cache: on 50M tokens of a 646-word corpus the sort takes
+/// 3.3 s instead of 3.8 s.
+fn sort_keys_in_place(slots: &mut [u16]) {
+    let value = |slot: u16| u16::from_be_bytes(slot.to_ne_bytes()) as usize;
+    let mut present = vec![false; 1 << 16];
+    for &slot in slots.iter() {
+        present[value(slot)] = true;
     }
+    let mut rank = vec![0u16; 1 << 16];
+    let mut next = 0u32;
+    for (v, &occurs) in present.iter().enumerate() {
+        if occurs {
+            // At most 65,536 distinct values, so every rank fits a u16.
+            rank[v] = next as u16;
+            next += 1;
+        }
+    }
+    for slot in slots {
+        *slot = rank[value(*slot)];
+    }
+}
+
+/// Sorts the suffixes of `keys` with libsais and writes `table.s` (the file is synced).
+fn sort_and_write(keys: &[u16], out: &Path, threads: usize) -> Result<()> {
+    let width = pointer_width(keys.len() as u64 * 2);
+    let mut file = File::create(out)?;
+    let n = keys.len();
+    if n == 0 {
+        // Nothing to sort (libsais wants at least one symbol).
+    } else if n < i32::MAX as usize {
+        let mut sa = sais!(keys, threads, in_owned_buffer32);
+        if width == 4 {
+            // The common case, as one pass the compiler vectorises.
+            for p in &mut sa {
+                *p = i32::from_ne_bytes((*p as u32 * 2).to_le_bytes());
+            }
+        } else {
+            pack_entries::<4>(bytemuck::cast_slice_mut(&mut sa), width);
+        }
+        write_in_pieces(&mut file, &bytemuck::cast_slice(&sa)[..n * width])?;
+    } else {
+        let mut sa = sais!(keys, threads, in_owned_buffer64);
+        pack_entries::<8>(bytemuck::cast_slice_mut(&mut sa), width);
+        write_in_pieces(&mut file, &bytemuck::cast_slice(&sa)[..n * width])?;
+    }
+    file.sync_all()?;
     Ok(())
+}
+
+/// One write(2) of hundreds of megabytes is several times slower here than the same bytes a
+/// mebibyte at a time.
+fn write_in_pieces(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    bytes
+        .chunks(1 << 20)
+        .try_for_each(|piece| file.write_all(piece))
+}
+
+/// Rewrites a suffix array held as native-endian `W`-byte token positions into `table.s` entries
+/// in place: each position becomes its byte offset (twice the token position), little-endian,
+/// `width` bytes wide (`width <= W`), packed from the start of the buffer (the first
+/// `n * width` bytes hold the entries). Entry `i` is written to bytes `i*width..(i+1)*width`,
+/// which end at or before the start of entry `i + 1`, so no entry is overwritten before it is
+/// read.
+fn pack_entries<const W: usize>(buffer: &mut [u8], width: usize) {
+    debug_assert!(width <= W && buffer.len() % W == 0);
+    let n = buffer.len() / W;
+    for i in 0..n {
+        let mut native = [0u8; 8];
+        native[..W].copy_from_slice(&buffer[i * W..(i + 1) * W]);
+        let position = if W == 4 {
+            u32::from_ne_bytes([native[0], native[1], native[2], native[3]]) as u64
+        } else {
+            u64::from_ne_bytes(native)
+        };
+        buffer[i * width..(i + 1) * width].copy_from_slice(&(position * 2).to_le_bytes()[..width]);
+    }
 }
 
 /// What one shard holds, as reported after it is written.
@@ -210,7 +284,7 @@ impl ShardWriter {
 
     /// Writes the shard's files (into a staging folder, then moved into place, `table.s` last)
     /// and builds its suffix array on `threads` threads.
-    pub fn finish(self, threads: usize) -> Result<ShardSummary> {
+    pub fn finish(mut self, threads: usize) -> Result<ShardSummary> {
         let s = self.shard;
         let staging = self.dir.join(format!(".staging-{s}"));
         if staging.exists() {
@@ -225,7 +299,13 @@ impl ShardWriter {
             staging.join(format!("unigram.{s}")),
             unigram_lines(&self.tokens),
         )?;
-        write_table(&self.tokens, &staging.join(format!("table.{s}")), threads)?;
+        let ds_len = self.tokens.len() as u64;
+        // Written above; the table sorts them where they lie.
+        write_table_in_place(
+            &mut self.tokens,
+            &staging.join(format!("table.{s}")),
+            threads,
+        )?;
         for name in [
             "tokenized",
             "offset",
@@ -241,8 +321,8 @@ impl ShardWriter {
         Ok(ShardSummary {
             shard: s,
             docs: self.offsets.len() as u64,
-            tokens: self.tokens.len() as u64 / 2,
-            pointer_width: pointer_width(self.tokens.len() as u64),
+            tokens: ds_len / 2,
+            pointer_width: pointer_width(ds_len),
         })
     }
 }
@@ -343,13 +423,15 @@ pub fn build_from_tokenized(
         }
         let table = out.join(format!("table.{name}"));
         let staging = out.join(format!(".table.{name}.partial"));
-        write_table(&ds, &staging, threads)?;
+        let ds_len = ds.len() as u64;
+        // The tokens are not needed after this: sort them where they lie.
+        write_table_in_place(&mut ds, &staging, threads)?;
         fs::rename(&staging, &table)?;
         summaries.push(ShardSummary {
             shard: name.parse().unwrap_or(summaries.len()),
             docs,
             tokens,
-            pointer_width: pointer_width(ds.len() as u64),
+            pointer_width: pointer_width(ds_len),
         });
     }
     Ok(summaries)
@@ -456,6 +538,37 @@ mod tests {
                 u64::from_le_bytes(b)
             })
             .collect()
+    }
+
+    #[test]
+    fn entries_are_packed_in_place_at_every_width() {
+        let positions: Vec<u64> = vec![0, 1, 127, 128, 65_535, 1 << 23, (1 << 31) - 1];
+        for width in 1..=8 {
+            let fits = |p: &u64| width == 8 || p * 2 < 1u64 << (8 * width);
+            let expected: Vec<u8> = positions
+                .iter()
+                .filter(|p| fits(p))
+                .flat_map(|p| (p * 2).to_le_bytes()[..width].to_vec())
+                .collect();
+            if width <= 4 {
+                let mut sa: Vec<i32> = positions
+                    .iter()
+                    .filter(|p| fits(p))
+                    .map(|&p| p as i32)
+                    .collect();
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut sa[..]);
+                pack_entries::<4>(bytes, width);
+                assert_eq!(&bytes[..expected.len()], &expected[..]);
+            }
+            let mut sa: Vec<i64> = positions
+                .iter()
+                .filter(|p| fits(p))
+                .map(|&p| p as i64)
+                .collect();
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut sa[..]);
+            pack_entries::<8>(bytes, width);
+            assert_eq!(&bytes[..expected.len()], &expected[..]);
+        }
     }
 
     proptest::proptest! {
