@@ -581,12 +581,46 @@ fn index_job_attributes_a_quoting_text_to_its_three_contributors() {
         .as_u64()
         .unwrap();
     assert_eq!(first["new_documents"].as_u64().unwrap(), rows);
+    // The token column: one row per indexed contribution, by one tokenizer, holding exactly the
+    // tokens of the index (each document there is its tokens after one separator).
+    let tokens_table = || {
+        sql_json(
+            &store,
+            "SELECT count(*) AS n, count(DISTINCT content_hash) AS hashes, \
+             count(DISTINCT tokenizer) AS tokenizers, sum(token_count) AS tokens, \
+             sum(CASE WHEN array_length(tokens) = token_count THEN 0 ELSE 1 END) AS bad FROM tokens",
+        )[0]
+        .clone()
+    };
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(store.join("indexes/legal/ledgerflow.json")).unwrap(),
+    )
+    .unwrap();
+    let indexed: u64 = manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tokens"].as_u64().unwrap())
+        .sum();
+    let t = tokens_table();
+    assert_eq!(
+        (
+            t["n"].as_u64(),
+            t["hashes"].as_u64(),
+            t["tokenizers"].as_u64(),
+            t["bad"].as_u64()
+        ),
+        (Some(rows), Some(rows), Some(1), Some(0)),
+        "{t}"
+    );
+    assert_eq!(t["tokens"].as_u64().unwrap() + rows, indexed, "{t}");
     // Nothing committed since: the next run changes nothing.
     let again = run(&store);
     assert_eq!(
         (again["new_files"].clone(), again["generation"].clone()),
         (json!(0), json!(1))
     );
+    assert_eq!(tokens_table(), t);
 
     // Three contributions by three contributors, each quoted for 25 words.
     let all = sql_json(

@@ -385,6 +385,9 @@ pub async fn build_datanet_index(
         link_shard(&old_dir, s, &gen_dir, s)?;
     }
     let first_new = manifest.shards.len();
+    let tokenizer_id = ledgerflow_schemas::hex0x::encode(
+        &ledgerflow_schemas::contribution::keccak256(&std::fs::read(&tokenizer_path)?),
+    );
     let mut positions: std::collections::HashMap<String, KafkaPosition> = Default::default();
     let mut writer: Option<ShardWriter> = None;
     for f in &new {
@@ -392,6 +395,7 @@ pub async fn build_datanet_index(
             Some(rows) => rows,
             None => datanet_rows(store, f).await?,
         };
+        let mut token_rows = TokenRows::default();
         for row in rows {
             let ids = tokenizer.encode(&row.content)?;
             let full = writer.as_ref().is_some_and(|w| {
@@ -408,9 +412,11 @@ pub async fn build_datanet_index(
                 &ids,
                 &json!({"content_hash": row.hash, "contributor": row.contributor}),
             )?;
+            token_rows.push(&row, &ids);
             positions.insert(row.hash, row.position);
             report.new_documents += 1;
         }
+        token_rows.write(store, datanet, f, &tokenizer_id).await?;
     }
     if let Some(w) = writer.take() {
         report.new_shards.push(w.finish(opts.threads)?);
@@ -557,6 +563,106 @@ fn merge_small_shards(
     }
 }
 
+/// The Kafka position columns of an engine table (topic, partition, offset, timestamp), in the
+/// order of its schema.
+fn position_columns<'a>(
+    positions: impl Iterator<Item = &'a KafkaPosition> + Clone,
+) -> Vec<arrow_array::ArrayRef> {
+    use arrow_array::{Int32Array, Int64Array, StringArray, TimestampMillisecondArray};
+    vec![
+        std::sync::Arc::new(StringArray::from_iter_values(
+            positions.clone().map(|p| p.topic.as_str()),
+        )),
+        std::sync::Arc::new(Int32Array::from_iter_values(
+            positions.clone().map(|p| p.partition),
+        )),
+        std::sync::Arc::new(Int64Array::from_iter_values(
+            positions.clone().map(|p| p.offset),
+        )),
+        std::sync::Arc::new(
+            TimestampMillisecondArray::from_iter_values(positions.map(|p| p.timestamp_ms))
+                .with_timezone("UTC"),
+        ),
+    ]
+}
+
+/// The token column of one Datanet file's rows, written to the `tokens` table.
+#[derive(Default)]
+struct TokenRows {
+    hashes: Vec<String>,
+    contributors: Vec<String>,
+    tokens: Vec<Vec<u16>>,
+    positions: Vec<KafkaPosition>,
+}
+
+impl TokenRows {
+    fn push(&mut self, row: &DatanetRow, ids: &[u16]) {
+        self.hashes.push(row.hash.clone());
+        self.contributors.push(row.contributor.clone());
+        self.tokens.push(ids.to_vec());
+        self.positions.push(row.position.clone());
+    }
+
+    /// Writes the rows of Datanet file `source` (a store path under the Datanet's folder) to
+    /// the `tokens` table, under a name derived from `source`: a Datanet file is indexed once,
+    /// and a build that crashed before publishing rewrites the same file.
+    async fn write(
+        self,
+        store: &ledgerflow_store::Store,
+        datanet: &str,
+        source: &str,
+        tokenizer: &str,
+    ) -> Result<()> {
+        use arrow_array::builder::{ListBuilder, UInt16Builder};
+        use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array};
+        if self.hashes.is_empty() {
+            return Ok(());
+        }
+        let schema = ledgerflow_schemas::tables::token_schema();
+        let item = match schema.field_with_name("tokens")?.data_type() {
+            arrow_schema::DataType::List(item) => item.clone(),
+            other => bail!("tokens column is {other}, not a list"),
+        };
+        let mut lists = ListBuilder::new(UInt16Builder::new()).with_field(item);
+        for ids in &self.tokens {
+            lists.values().append_slice(ids);
+            lists.append(true);
+        }
+        let n = self.hashes.len();
+        let mut columns: Vec<ArrayRef> = vec![
+            std::sync::Arc::new(StringArray::from(self.hashes)),
+            std::sync::Arc::new(StringArray::from(self.contributors)),
+            std::sync::Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                datanet, n,
+            ))),
+            std::sync::Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                tokenizer, n,
+            ))),
+            std::sync::Arc::new(lists.finish()),
+            std::sync::Arc::new(UInt32Array::from_iter_values(
+                self.tokens.iter().map(|t| t.len() as u32),
+            )),
+        ];
+        columns.extend(position_columns(self.positions.iter()));
+        let batch = RecordBatch::try_new(schema, columns)?;
+        let dir = ledgerflow_store::layout::TableRef::datanet(datanet).dir();
+        let stem = source
+            .strip_prefix(dir.as_str())
+            .unwrap_or(source)
+            .trim_matches('/')
+            .trim_end_matches(".parquet")
+            .replace(['/', '='], "-");
+        put_table_file(
+            store,
+            ledgerflow_schemas::tables::TOKENS_TABLE,
+            &batch,
+            "kafka_timestamp",
+            &format!("{datanet}-{stem}.parquet"),
+        )
+        .await
+    }
+}
+
 /// Writes the `duplicate_substring` penalties and the `substring_duplicates` rows of one index
 /// generation; returns the number of penalty rows.
 async fn write_substring_tables(
@@ -566,10 +672,7 @@ async fn write_substring_tables(
     rows: &[SubstringDuplicateRow],
     policy: &PenaltyPolicy,
 ) -> Result<usize> {
-    use arrow_array::{
-        ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
-        UInt32Array, UInt64Array,
-    };
+    use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array, UInt64Array};
     use ledgerflow_schemas::tables::{penalty_schema, substring_duplicate_schema};
     let rows: Vec<(&SubstringDuplicateRow, &KafkaPosition)> = rows
         .iter()
@@ -584,26 +687,6 @@ async fn write_substring_tables(
             rows.iter().map(|(r, _)| f(r)),
         ))
     };
-    let position = |rows: &[(&SubstringDuplicateRow, &KafkaPosition)]| -> Vec<ArrayRef> {
-        vec![
-            std::sync::Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(_, p)| p.topic.as_str()),
-            )),
-            std::sync::Arc::new(Int32Array::from_iter_values(
-                rows.iter().map(|(_, p)| p.partition),
-            )),
-            std::sync::Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|(_, p)| p.offset),
-            )),
-            std::sync::Arc::new(
-                TimestampMillisecondArray::from_iter_values(
-                    rows.iter().map(|(_, p)| p.timestamp_ms),
-                )
-                .with_timezone("UTC"),
-            ),
-        ]
-    };
-
     let mut columns: Vec<ArrayRef> = vec![
         strings(&|r| &r.content_hash),
         strings(&|r| &r.contributor),
@@ -617,7 +700,7 @@ async fn write_substring_tables(
             rows.iter().map(|(r, _)| r.length as u64),
         )),
     ];
-    columns.extend(position(&rows));
+    columns.extend(position_columns(rows.iter().map(|(_, p)| *p)));
     let batch = RecordBatch::try_new(substring_duplicate_schema(), columns)?;
     // Deterministic content under a deterministic name: a rerun after a crash rewrites it.
     put_table_file(
@@ -649,7 +732,7 @@ async fn write_substring_tables(
             rows.iter().map(|(r, _)| r.content_hash.as_str()),
         )),
     ];
-    columns.extend(position(&rows));
+    columns.extend(position_columns(rows.iter().map(|(_, p)| *p)));
     let batch = RecordBatch::try_new(penalty_schema(), columns)?;
     put_table_file(
         store,

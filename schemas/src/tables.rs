@@ -133,6 +133,35 @@ pub fn substring_duplicate_schema() -> SchemaRef {
     SUBSTRING_DUPLICATE.clone()
 }
 
+/// Name of the engine's table of token columns: each indexed contribution as its Datanet's
+/// tokenizer encodes it.
+pub const TOKENS_TABLE: &str = "tokens";
+
+static TOKENS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("content_hash", DataType::Utf8, false),
+        Field::new("contributor", DataType::Utf8, false),
+        Field::new("datanet", DataType::Utf8, false),
+        Field::new("tokenizer", DataType::Utf8, false),
+        Field::new(
+            "tokens",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt16, false))),
+            false,
+        ),
+        Field::new("token_count", DataType::UInt32, false),
+    ];
+    fields.extend(kafka_position());
+    fields.push(kafka_timestamp());
+    Arc::new(Schema::new(fields))
+});
+
+/// A row of `tokens`: the token ids of one committed contribution of `datanet` (its document in
+/// the token index, without the separator), `tokenizer` naming the tokenizer that produced them
+/// (`0x` keccak256 of its `tokenizer.json`), with the contribution's Kafka position.
+pub fn token_schema() -> SchemaRef {
+    TOKENS.clone()
+}
+
 /// Name of the engine's table of attribution scores (read by the reward epochs).
 pub const ATTRIBUTIONS_TABLE: &str = "attributions";
 
