@@ -33,10 +33,12 @@ if ! [ -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import confluent_kafk
 fi
 export LEDGERFLOW_PYTHON=$venv/bin/python
 node_dir=$cache/node
-if ! [ -f "$node_dir/node_modules/ethers/package.json" ] || ! [ -f "$node_dir/node_modules/canonicalize/package.json" ]; then
-  log "installing the outside wallet library (ethers, canonicalize from npm)"
+if ! [ -f "$node_dir/node_modules/ethers/package.json" ] || ! [ -f "$node_dir/node_modules/canonicalize/package.json" ] \
+  || ! [ -f "$node_dir/node_modules/@openzeppelin/merkle-tree/package.json" ]; then
+  log "installing the outside references from npm (ethers, canonicalize, @openzeppelin/merkle-tree)"
   mkdir -p "$node_dir"
-  npm install --prefix "$node_dir" --no-audit --no-fund --silent ethers@6.17.0 canonicalize@2.1.0
+  npm install --prefix "$node_dir" --no-audit --no-fund --silent ethers@6.17.0 canonicalize@2.1.0 \
+    @openzeppelin/merkle-tree@1.0.8
 fi
 export LEDGERFLOW_NODE_MODULES=$node_dir/node_modules
 

@@ -146,6 +146,31 @@ enum Command {
         #[arg(long)]
         output_id: Option<String>,
     },
+    /// Cumulative reward trees: OpenZeppelin's StandardMerkleTree of `address,uint256` leaves.
+    Rewards {
+        #[command(subcommand)]
+        what: RewardsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RewardsCommand {
+    /// Prints the root of the tree of a CSV of `address,amount` lines (amounts: integers in the
+    /// token's smallest unit; an `address,amount` header is allowed).
+    Tree {
+        #[arg(long)]
+        leaves: PathBuf,
+        /// Also writes the tree in `@openzeppelin/merkle-tree`'s dump format
+        /// (`StandardMerkleTree.load` reads it).
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
+    /// Prints the amount and Merkle proof of ADDRESS (its first leaf) as JSON.
+    Proof {
+        address: String,
+        #[arg(long)]
+        leaves: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -629,6 +654,7 @@ fn real_main(command: Command) -> Result<i32> {
             println!("{result}");
             Ok(0)
         }
+        Command::Rewards { what } => rewards_command(what).map(|()| 0),
         Command::Schema => {
             println!(
                 "{}",
@@ -997,4 +1023,50 @@ fn index_command(what: IndexCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn rewards_tree(leaves: &Path) -> Result<ledgerflow_rewards::StandardMerkleTree> {
+    let text =
+        std::fs::read_to_string(leaves).with_context(|| format!("reading {}", leaves.display()))?;
+    let leaves_read = ledgerflow_rewards::merkle::parse_leaves_csv(&text)
+        .with_context(|| format!("{}", leaves.display()))?;
+    Ok(ledgerflow_rewards::StandardMerkleTree::of(leaves_read)?)
+}
+
+fn rewards_command(what: RewardsCommand) -> Result<()> {
+    use ledgerflow_rewards::merkle::{checksum_address, hex0x, parse_address};
+    match what {
+        RewardsCommand::Tree { leaves, dump } => {
+            let tree = rewards_tree(&leaves)?;
+            if let Some(path) = dump {
+                std::fs::write(&path, serde_json::to_vec(&tree.dump())?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("{}", hex0x(tree.root()));
+        }
+        RewardsCommand::Proof { address, leaves } => {
+            let account = parse_address(&address).map_err(anyhow::Error::msg)?;
+            let tree = rewards_tree(&leaves)?;
+            let index = tree.position(&account).with_context(|| {
+                format!(
+                    "{} has no leaf in {}",
+                    checksum_address(&account),
+                    leaves.display()
+                )
+            })?;
+            let leaf = tree.leaves()[index];
+            let proof = tree.proof(index).expect("a leaf of the tree");
+            println!(
+                "{}",
+                serde_json::json!({
+                    "account": checksum_address(&account),
+                    "amount": leaf.amount.to_string(),
+                    "leaf": hex0x(leaf.hash()),
+                    "proof": proof.iter().map(hex0x).collect::<Vec<_>>(),
+                    "root": hex0x(tree.root()),
+                })
+            );
+        }
+    }
+    Ok(())
 }
