@@ -146,11 +146,26 @@ enum Command {
         #[arg(long)]
         output_id: Option<String>,
     },
+    /// EigenDA's payload codec (version 0), standard input to standard output.
+    Da {
+        #[command(subcommand)]
+        what: DaCommand,
+    },
     /// Cumulative reward trees: OpenZeppelin's StandardMerkleTree of `address,uint256` leaves.
     Rewards {
         #[command(subcommand)]
         what: RewardsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum DaCommand {
+    /// Encodes the bytes on stdin as an EigenDA payload (32-byte header, a zero byte before
+    /// every 31 bytes, padded to a power of two of 32-byte symbols).
+    Encode,
+    /// Decodes an encoded payload on stdin; malformed input (header, padding, length) fails
+    /// with the reason and writes nothing.
+    Decode,
 }
 
 #[derive(Subcommand)]
@@ -655,6 +670,19 @@ fn real_main(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Rewards { what } => rewards_command(what).map(|()| 0),
+        Command::Da { what } => {
+            let mut input = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
+            let output = match what {
+                DaCommand::Encode => ledgerflow_da::encode(&input)?,
+                DaCommand::Decode => ledgerflow_da::decode(&input)
+                    .with_context(|| format!("decoding {} bytes from stdin", input.len()))?,
+            };
+            let mut out = std::io::stdout().lock();
+            out.write_all(&output)?;
+            out.flush()?;
+            Ok(0)
+        }
         Command::Schema => {
             println!(
                 "{}",
