@@ -30,7 +30,8 @@ fn round_trips_and_refuses_malformed_payloads() {
         let encoded = da("encode", &payload);
         assert!(encoded.status.success());
         let symbols = encoded.stdout.len() / 32;
-        assert!(symbols.is_power_of_two() && encoded.stdout.len() % 32 == 0);
+        assert!(symbols.is_power_of_two());
+        assert_eq!(encoded.stdout.len() % 32, 0);
         assert_eq!(&encoded.stdout[2..6], &(len as u32).to_be_bytes());
         let decoded = da("decode", &encoded.stdout);
         assert!(decoded.status.success(), "{len} bytes");
