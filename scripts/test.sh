@@ -41,6 +41,16 @@ if ! [ -f "$node_dir/node_modules/ethers/package.json" ] || ! [ -f "$node_dir/no
     @openzeppelin/merkle-tree@1.0.8
 fi
 export LEDGERFLOW_NODE_MODULES=$node_dir/node_modules
+chain_dir=$cache/chain
+if ! [ -x "$chain_dir/node_modules/@foundry-rs/forge-linux-amd64/bin/forge" ] \
+  || ! [ -f "$chain_dir/node_modules/solc/package.json" ] \
+  || ! [ -f "$chain_dir/node_modules/@openzeppelin/contracts/package.json" ]; then
+  log "installing forge, anvil, solc and @openzeppelin/contracts from npm"
+  mkdir -p "$chain_dir"
+  npm install --prefix "$chain_dir" --no-audit --no-fund --silent @foundry-rs/forge-linux-amd64@1.7.1 \
+    @foundry-rs/anvil-linux-amd64@1.7.1 solc@0.8.37 @openzeppelin/contracts@5.7.0
+fi
+export LEDGERFLOW_CHAIN_MODULES=$chain_dir/node_modules
 
 log "format"
 cargo fmt --all -- --check
@@ -88,6 +98,11 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --exclude ledgerflow-polars --no-fail-fast -- --test-threads 2 || { tail -50 "$work/tansu.log" >&2; exit 1; }
 fi
+
+log "contracts: forge tests, offline (solc from npm behind contracts/solc.sh; proofs from ledgerflow via ffi)"
+ln -sfn "$LEDGERFLOW_CHAIN_MODULES" contracts/node_modules
+(cd contracts && LEDGERFLOW_BIN=$CARGO_TARGET_DIR/debug/ledgerflow LEDGERFLOW_FORGE_TMP=$work \
+  "$LEDGERFLOW_CHAIN_MODULES/@foundry-rs/forge-linux-amd64/bin/forge" test --use ./solc.sh --offline)
 
 log "the polars feature (off by default; a long build the first time)"
 # Its own build: polars' feature choices for shared crates stay out of the engine's build.
