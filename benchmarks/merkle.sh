@@ -12,7 +12,11 @@ if ! [ -f "$node_dir/node_modules/@openzeppelin/merkle-tree/package.json" ]; the
   mkdir -p "$node_dir"
   npm install --prefix "$node_dir" --no-audit --no-fund --silent @openzeppelin/merkle-tree@1.0.8 >&2
 fi
-build_binaries
+profile=${PROFILE:-release}
+[ -z "${NO_BUILD:-}" ] && cargo build --profile "$profile" -p ledgerflow-rewards --examples >&2
+bindir=$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile")
+# The code of `ledgerflow rewards tree`, as an example of its crate (the CLI's release build is long).
+tree=$bindir/examples/reward_tree
 out=benchmarks/out/merkle
 rm -rf "$out" && mkdir -p "$out"
 # Deterministic leaves: random 20-byte accounts (lowercase hex) and amounts below 2^96.
@@ -32,12 +36,12 @@ leaves "$big" "$out/leaves-$big.csv"
 echo "# $n leaves side by side, then ours alone on $big leaves; $(nproc) cores"
 rows=()
 rows+=("$(measure openzeppelin env NODE_PATH="$node_dir/node_modules" node tests/support/merkle_tree.mjs --time "$out/leaves-$n.csv")")
-rows+=("$(measure ledgerflow "$lf" rewards tree --leaves "$out/leaves-$n.csv")")
+rows+=("$(measure ledgerflow "$tree" "$out/leaves-$n.csv")")
 theirs=$(awk '{print $6}' "$out/openzeppelin.stdout")
 ours=$(cat "$out/ledgerflow.stdout")
 [ "$theirs" = "$ours" ] && echo "same root: $ours" || { echo "ROOTS DIFFER: $theirs vs $ours"; exit 1; }
 echo "openzeppelin in-process build: $(awk '{print $4}' "$out/openzeppelin.stdout") ms"
-rows+=("$(measure "ledgerflow-$big" "$lf" rewards tree --leaves "$out/leaves-$big.csv")")
+rows+=("$(measure "ledgerflow-$big" "$tree" "$out/leaves-$big.csv")")
 echo
 echo "| tree | leaves | wall s | CPU s | peak RSS MB | speed vs openzeppelin |"
 echo "| --- | --- | --- | --- | --- | --- |"

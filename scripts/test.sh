@@ -43,12 +43,13 @@ fi
 export LEDGERFLOW_NODE_MODULES=$node_dir/node_modules
 chain_dir=$cache/chain
 if ! [ -x "$chain_dir/node_modules/@foundry-rs/forge-linux-amd64/bin/forge" ] \
+  || ! [ -x "$chain_dir/node_modules/@foundry-rs/cast-linux-amd64/bin/cast" ] \
   || ! [ -f "$chain_dir/node_modules/solc/package.json" ] \
   || ! [ -f "$chain_dir/node_modules/@openzeppelin/contracts/package.json" ]; then
-  log "installing forge, anvil, solc and @openzeppelin/contracts from npm"
+  log "installing forge, anvil, cast, solc and @openzeppelin/contracts from npm"
   mkdir -p "$chain_dir"
   npm install --prefix "$chain_dir" --no-audit --no-fund --silent @foundry-rs/forge-linux-amd64@1.7.1 \
-    @foundry-rs/anvil-linux-amd64@1.7.1 solc@0.8.37 @openzeppelin/contracts@5.7.0
+    @foundry-rs/anvil-linux-amd64@1.7.1 @foundry-rs/cast-linux-amd64@1.7.1 solc@0.8.37 @openzeppelin/contracts@5.7.0
 fi
 export LEDGERFLOW_CHAIN_MODULES=$chain_dir/node_modules
 
@@ -89,6 +90,16 @@ for _ in $(seq 1 100); do
 done
 export LEDGERFLOW_TEST_S3=http://127.0.0.1:$s3_port
 log "S3-compatible server (moto) on $LEDGERFLOW_TEST_S3"
+anvil_port=$(free_port)
+"$LEDGERFLOW_CHAIN_MODULES/@foundry-rs/anvil-linux-amd64/bin/anvil" --network optimism --host 127.0.0.1 \
+  --port "$anvil_port" >"$work/anvil.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$anvil_port") 2>/dev/null; then break; fi
+  sleep 0.1
+done
+export LEDGERFLOW_TEST_ANVIL=http://127.0.0.1:$anvil_port
+log "anvil (OP Stack) on $LEDGERFLOW_TEST_ANVIL"
 export LEDGERFLOW_REQUIRE_SERVICES=1
 
 log "tests"

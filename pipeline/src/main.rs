@@ -146,6 +146,11 @@ enum Command {
         #[arg(long)]
         output_id: Option<String>,
     },
+    /// The reward contracts on the L2 chain.
+    Contracts {
+        #[command(subcommand)]
+        what: ContractsCommand,
+    },
     /// EigenDA's payload codec (version 0), standard input to standard output.
     Da {
         #[command(subcommand)]
@@ -155,6 +160,26 @@ enum Command {
     Rewards {
         #[command(subcommand)]
         what: RewardsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContractsCommand {
+    /// Deploys the test token, its voting wrapper, timelock, governor, reward parameters, Datanet
+    /// registry and EpochRewards (for a local chain such as anvil), funds the reward pool, and
+    /// prints the deployment as JSON. The deployer key comes from LEDGERFLOW_DEPLOYER_KEY.
+    Deploy {
+        #[arg(long, env = "LEDGERFLOW_RPC")]
+        rpc: String,
+        /// The account that settles epochs (default: the deployer).
+        #[arg(long)]
+        settler: Option<String>,
+        /// Tokens minted to EpochRewards, in base units.
+        #[arg(long, default_value = "1000000000000000000000000000")]
+        reward_pool: String,
+        /// Also write the deployment JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -185,6 +210,48 @@ enum RewardsCommand {
         address: String,
         #[arg(long)]
         leaves: PathBuf,
+    },
+    /// Settles epoch N on chain with the root of a leaves file (the settler key comes from
+    /// LEDGERFLOW_SETTLER_KEY); prints the transaction as JSON.
+    Settle {
+        #[arg(long)]
+        epoch: u64,
+        #[arg(long)]
+        leaves: PathBuf,
+        #[arg(long)]
+        deployment: PathBuf,
+        #[arg(long, env = "LEDGERFLOW_RPC")]
+        rpc: String,
+        /// keccak256 of the epoch's published data and of its DA certificate.
+        #[arg(
+            long,
+            default_value = "0x0000000000000000000000000000000000000000000000000000000000000000"
+        )]
+        data_hash: String,
+        #[arg(
+            long,
+            default_value = "0x0000000000000000000000000000000000000000000000000000000000000000"
+        )]
+        da_commitment: String,
+    },
+    /// Claims ADDRESS's rewards with its proof from a leaves file; the transaction is sent (and
+    /// paid for) by the key in LEDGERFLOW_CLAIM_KEY. Prints what was paid as JSON.
+    Claim {
+        address: String,
+        #[arg(long)]
+        leaves: PathBuf,
+        #[arg(long)]
+        deployment: PathBuf,
+        #[arg(long, env = "LEDGERFLOW_RPC")]
+        rpc: String,
+    },
+    /// ADDRESS's reward token balance and what EpochRewards has paid it, as JSON.
+    Status {
+        address: String,
+        #[arg(long)]
+        deployment: PathBuf,
+        #[arg(long, env = "LEDGERFLOW_RPC")]
+        rpc: String,
     },
 }
 
@@ -670,6 +737,7 @@ fn real_main(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Rewards { what } => rewards_command(what).map(|()| 0),
+        Command::Contracts { what } => contracts_command(what).map(|()| 0),
         Command::Da { what } => {
             let mut input = Vec::new();
             std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
@@ -1061,9 +1129,144 @@ fn rewards_tree(leaves: &Path) -> Result<ledgerflow_rewards::StandardMerkleTree>
     Ok(ledgerflow_rewards::StandardMerkleTree::of(leaves_read)?)
 }
 
+fn chain_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn b256(text: &str, what: &str) -> Result<ledgerflow_chain::primitives::B256> {
+    text.parse()
+        .with_context(|| format!("{what} {text:?} is not 32 bytes of 0x hex"))
+}
+
+fn contracts_command(what: ContractsCommand) -> Result<()> {
+    match what {
+        ContractsCommand::Deploy {
+            rpc,
+            settler,
+            reward_pool,
+            out,
+        } => {
+            let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_DEPLOYER_KEY")?;
+            let settler = match settler {
+                Some(a) => ledgerflow_rewards::merkle::parse_address(&a)
+                    .map_err(anyhow::Error::msg)?
+                    .into(),
+                None => key.address(),
+            };
+            let pool = ledgerflow_rewards::Amount::parse(&reward_pool)?;
+            let opts = ledgerflow_chain::DeployOptions {
+                settler,
+                reward_pool: ledgerflow_chain::primitives::U256::from_be_bytes(pool.0),
+                attribution_threshold: 10_000,
+                emission: ledgerflow_chain::primitives::U256::from(1_000u64)
+                    * ledgerflow_chain::primitives::U256::from(10u64)
+                        .pow(ledgerflow_chain::primitives::U256::from(18u64)),
+                timelock_delay: 2 * 86_400,
+                voting_delay: 1,
+                voting_period: 50_400,
+            };
+            let deployment =
+                chain_runtime()?.block_on(ledgerflow_chain::deploy(&rpc, key, &opts))?;
+            let json = serde_json::to_string_pretty(&deployment)?;
+            if let Some(path) = out {
+                std::fs::write(&path, &json)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("{json}");
+        }
+    }
+    Ok(())
+}
+
 fn rewards_command(what: RewardsCommand) -> Result<()> {
     use ledgerflow_rewards::merkle::{checksum_address, hex0x, parse_address};
     match what {
+        RewardsCommand::Settle {
+            epoch,
+            leaves,
+            deployment,
+            rpc,
+            data_hash,
+            da_commitment,
+        } => {
+            let tree = rewards_tree(&leaves)?;
+            let total = tree.leaves().iter().try_fold(
+                ledgerflow_chain::primitives::U256::ZERO,
+                |sum, l| {
+                    sum.checked_add(ledgerflow_chain::primitives::U256::from_be_bytes(
+                        l.amount.0,
+                    ))
+                },
+            );
+            let total = total.context("the leaves' amounts add up to more than a uint256")?;
+            let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_SETTLER_KEY")?;
+            let deployment = ledgerflow_chain::Deployment::read(&deployment)?;
+            let mined = chain_runtime()?.block_on(ledgerflow_chain::settle(
+                &rpc,
+                key,
+                &deployment,
+                epoch,
+                tree.root().into(),
+                b256(&data_hash, "--data-hash")?,
+                b256(&da_commitment, "--da-commitment")?,
+                total,
+            ))?;
+            println!(
+                "{}",
+                serde_json::json!({"epoch": epoch, "root": hex0x(tree.root()), "total_cumulative": total.to_string(), "transaction": mined})
+            );
+        }
+        RewardsCommand::Claim {
+            address,
+            leaves,
+            deployment,
+            rpc,
+        } => {
+            let account = parse_address(&address).map_err(anyhow::Error::msg)?;
+            let tree = rewards_tree(&leaves)?;
+            let index = tree.position(&account).with_context(|| {
+                format!(
+                    "{} has no leaf in {}",
+                    checksum_address(&account),
+                    leaves.display()
+                )
+            })?;
+            let leaf = tree.leaves()[index];
+            let proof = tree.proof(index).expect("a leaf of the tree");
+            let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_CLAIM_KEY")?;
+            let deployment = ledgerflow_chain::Deployment::read(&deployment)?;
+            let (paid, mined) = chain_runtime()?.block_on(ledgerflow_chain::claim(
+                &rpc,
+                key,
+                &deployment,
+                account.into(),
+                ledgerflow_chain::primitives::U256::from_be_bytes(leaf.amount.0),
+                proof.into_iter().map(Into::into).collect(),
+            ))?;
+            println!(
+                "{}",
+                serde_json::json!({"account": checksum_address(&account), "cumulative": leaf.amount.to_string(), "paid": paid.to_string(), "transaction": mined})
+            );
+        }
+        RewardsCommand::Status {
+            address,
+            deployment,
+            rpc,
+        } => {
+            let account = parse_address(&address).map_err(anyhow::Error::msg)?;
+            let deployment = ledgerflow_chain::Deployment::read(&deployment)?;
+            let (balance, claimed) = chain_runtime()?.block_on(ledgerflow_chain::reward_status(
+                &rpc,
+                &deployment,
+                account.into(),
+            ))?;
+            println!(
+                "{}",
+                serde_json::json!({"account": checksum_address(&account), "balance": balance.to_string(), "claimed": claimed.to_string()})
+            );
+        }
         RewardsCommand::Tree { leaves, dump } => {
             let tree = rewards_tree(&leaves)?;
             if let Some(path) = dump {

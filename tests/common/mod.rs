@@ -252,3 +252,13 @@ pub fn produce(brokers: &str, topic: &str, file: &Path) -> Output {
 pub fn node_modules() -> Option<String> {
     service("LEDGERFLOW_NODE_MODULES", "ethers from npm")
 }
+
+/// The anvil node (`--network optimism`) started by `scripts/test.sh`, as an RPC URL.
+pub fn anvil() -> Option<String> {
+    service("LEDGERFLOW_TEST_ANVIL", "anvil from npm")
+}
+
+/// The node_modules holding forge, cast, anvil, solc and OpenZeppelin's contracts.
+pub fn chain_modules() -> Option<String> {
+    service("LEDGERFLOW_CHAIN_MODULES", "forge, cast and solc from npm")
+}
