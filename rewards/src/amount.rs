@@ -46,17 +46,26 @@ impl Amount {
         if !t.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
-        for digit in t.bytes().map(|b| b - b'0') {
-            // out = out * 10 + digit, big-endian, with the carry out of the top byte an overflow.
-            let mut carry = digit as u32;
-            for byte in out.iter_mut().rev() {
-                let v = *byte as u32 * 10 + carry;
-                *byte = v as u8;
-                carry = v >> 8;
+        // Little-endian u64 limbs, fed up to 19 digits at a time: limbs = limbs * 10^k + chunk.
+        let mut limbs = [0u64; 4];
+        for chunk in t.as_bytes().chunks(19) {
+            let mut value = 0u64;
+            for &b in chunk {
+                value = value * 10 + (b - b'0') as u64;
+            }
+            let scale = 10u64.pow(chunk.len() as u32);
+            let mut carry = value as u128;
+            for limb in limbs.iter_mut() {
+                let v = *limb as u128 * scale as u128 + carry;
+                *limb = v as u64;
+                carry = v >> 64;
             }
             if carry != 0 {
                 return Err(overflow());
             }
+        }
+        for (i, limb) in limbs.iter().enumerate() {
+            out[32 - 8 * (i + 1)..32 - 8 * i].copy_from_slice(&limb.to_be_bytes());
         }
         Ok(Amount(out))
     }

@@ -244,11 +244,51 @@ pub fn parse_address(text: &str) -> Result<Account, String> {
 
 /// Reads reward leaves from CSV text: one `address,amount` per line (amount a decimal or `0x`
 /// integer in the token's smallest unit), an optional `address,amount` header, blank lines
-/// skipped. Errors name the 1-based line.
+/// skipped. Errors name the 1-based line. Large files are parsed on every core, in line order.
 pub fn parse_leaves_csv(text: &str) -> Result<Vec<Leaf>, MerkleError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Pieces that end at line ends, each with the number of its first line.
+    let mut pieces = Vec::new();
+    let (mut start, mut first_line) = (0usize, 1usize);
+    let target = (text.len() / threads).max(1 << 20);
+    while start < text.len() {
+        let mut end = (start + target).min(text.len());
+        end = text[end..].find('\n').map_or(text.len(), |i| end + i + 1);
+        pieces.push((first_line, &text[start..end]));
+        first_line += text[start..end].bytes().filter(|&b| b == b'\n').count();
+        start = end;
+    }
+    let parsed: Vec<Result<Vec<Leaf>, MerkleError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = pieces
+            .iter()
+            .enumerate()
+            .map(|(k, &(line, piece))| s.spawn(move || parse_lines(piece, line, k == 0)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("parser thread"))
+            .collect()
+    });
+    let mut leaves = Vec::new();
+    for piece in parsed {
+        leaves.extend(piece?);
+    }
+    if leaves.is_empty() {
+        return Err(MerkleError::Empty);
+    }
+    Ok(leaves)
+}
+
+/// The leaves of `text`, whose first line is line `first_line`; a header is allowed only when
+/// `may_have_header` (the file's first piece) and before any leaf.
+fn parse_lines(
+    text: &str,
+    first_line: usize,
+    may_have_header: bool,
+) -> Result<Vec<Leaf>, MerkleError> {
     let mut leaves = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line_no = n + 1;
+        let line_no = first_line + n;
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -264,15 +304,12 @@ pub fn parse_leaves_csv(text: &str) -> Result<Vec<Leaf>, MerkleError> {
                 "expected two fields `address,amount`, got {line:?}"
             )));
         };
-        if leaves.is_empty() && address.trim().eq_ignore_ascii_case("address") {
+        if may_have_header && leaves.is_empty() && address.trim().eq_ignore_ascii_case("address") {
             continue; // header
         }
         let account = parse_address(address).map_err(fail)?;
         let amount = Amount::parse(amount).map_err(|e: AmountError| fail(e.to_string()))?;
         leaves.push(Leaf { account, amount });
-    }
-    if leaves.is_empty() {
-        return Err(MerkleError::Empty);
     }
     Ok(leaves)
 }
@@ -321,6 +358,24 @@ mod tests {
         assert_eq!(t.proof(0).unwrap(), Vec::<Hash>::new());
         let (a, b) = (leaf(1, 1).hash(), leaf(2, 2).hash());
         assert_eq!(hash_pair(&a, &b), hash_pair(&b, &a));
+    }
+
+    #[test]
+    fn large_files_parse_in_pieces_in_line_order() {
+        let mut csv = String::from("address,amount\n");
+        for i in 0..120_000u64 {
+            csv.push_str(&format!("0x{:040x},{}\n", i + 1, i * 7));
+        }
+        assert!(csv.len() > 4 << 20, "several pieces");
+        let leaves = parse_leaves_csv(&csv).unwrap();
+        assert_eq!(leaves, parse_lines(&csv, 1, true).unwrap());
+        assert_eq!(leaves.len(), 120_000);
+        assert_eq!(leaves[119_999].amount, Amount::from(119_999 * 7));
+        let bad = csv.replace(&format!("0x{:040x},{}\n", 100_001, 100_000 * 7), "0x1,2\n");
+        assert!(parse_leaves_csv(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("line 100002: "));
     }
 
     #[test]
