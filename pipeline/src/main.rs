@@ -1180,6 +1180,31 @@ fn contracts_command(what: ContractsCommand) -> Result<()> {
     Ok(())
 }
 
+/// The tree of a leaves file, and ADDRESS's first leaf in it with its proof.
+fn leaf_and_proof(
+    address: &str,
+    leaves: &Path,
+) -> Result<(
+    ledgerflow_rewards::Account,
+    ledgerflow_rewards::StandardMerkleTree,
+    ledgerflow_rewards::Leaf,
+    Vec<ledgerflow_rewards::Hash>,
+)> {
+    use ledgerflow_rewards::merkle::{checksum_address, parse_address};
+    let account = parse_address(address).map_err(anyhow::Error::msg)?;
+    let tree = rewards_tree(leaves)?;
+    let index = tree.position(&account).with_context(|| {
+        format!(
+            "{} has no leaf in {}",
+            checksum_address(&account),
+            leaves.display()
+        )
+    })?;
+    let leaf = tree.leaves()[index];
+    let proof = tree.proof(index).expect("a leaf of the tree");
+    Ok((account, tree, leaf, proof))
+}
+
 fn rewards_command(what: RewardsCommand) -> Result<()> {
     use ledgerflow_rewards::merkle::{checksum_address, hex0x, parse_address};
     match what {
@@ -1224,17 +1249,7 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
             deployment,
             rpc,
         } => {
-            let account = parse_address(&address).map_err(anyhow::Error::msg)?;
-            let tree = rewards_tree(&leaves)?;
-            let index = tree.position(&account).with_context(|| {
-                format!(
-                    "{} has no leaf in {}",
-                    checksum_address(&account),
-                    leaves.display()
-                )
-            })?;
-            let leaf = tree.leaves()[index];
-            let proof = tree.proof(index).expect("a leaf of the tree");
+            let (account, _tree, leaf, proof) = leaf_and_proof(&address, &leaves)?;
             let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_CLAIM_KEY")?;
             let deployment = ledgerflow_chain::Deployment::read(&deployment)?;
             let (paid, mined) = chain_runtime()?.block_on(ledgerflow_chain::claim(
@@ -1276,17 +1291,7 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
             println!("{}", hex0x(tree.root()));
         }
         RewardsCommand::Proof { address, leaves } => {
-            let account = parse_address(&address).map_err(anyhow::Error::msg)?;
-            let tree = rewards_tree(&leaves)?;
-            let index = tree.position(&account).with_context(|| {
-                format!(
-                    "{} has no leaf in {}",
-                    checksum_address(&account),
-                    leaves.display()
-                )
-            })?;
-            let leaf = tree.leaves()[index];
-            let proof = tree.proof(index).expect("a leaf of the tree");
+            let (account, tree, leaf, proof) = leaf_and_proof(&address, &leaves)?;
             println!(
                 "{}",
                 serde_json::json!({
