@@ -7,6 +7,8 @@
 
 pub mod amount;
 pub mod merkle;
+pub mod split;
 
 pub use amount::Amount;
 pub use merkle::{Account, Hash, Leaf, MerkleError, StandardMerkleTree};
+pub use split::largest_remainder;
