@@ -69,35 +69,31 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# background NAME PORT COMMAND… → runs COMMAND (output in $work/NAME.log), stops it on exit, and
+# waits up to 10 s for PORT on loopback to accept connections.
+background() {
+  local name=$1 port=$2; shift 2
+  "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+}
 tansu_port=$(free_port)
-"$tools/bin/tansu" broker \
+background tansu "$tansu_port" "$tools/bin/tansu" broker \
   --listener-url "tcp://127.0.0.1:$tansu_port" \
   --advertised-listener-url "tcp://127.0.0.1:$tansu_port" \
-  --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$tansu_port") 2>/dev/null; then break; fi
-  sleep 0.1
-done
+  --storage-engine memory://tansu/
 export LEDGERFLOW_TEST_TANSU=127.0.0.1:$tansu_port
 log "tansu on $LEDGERFLOW_TEST_TANSU"
 s3_port=$(free_port)
-"$venv/bin/python" -m moto.server -H 127.0.0.1 -p "$s3_port" >"$work/moto.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$s3_port") 2>/dev/null; then break; fi
-  sleep 0.1
-done
+background moto "$s3_port" "$venv/bin/python" -m moto.server -H 127.0.0.1 -p "$s3_port"
 export LEDGERFLOW_TEST_S3=http://127.0.0.1:$s3_port
 log "S3-compatible server (moto) on $LEDGERFLOW_TEST_S3"
 anvil_port=$(free_port)
-"$LEDGERFLOW_CHAIN_MODULES/@foundry-rs/anvil-linux-amd64/bin/anvil" --network optimism --host 127.0.0.1 \
-  --port "$anvil_port" >"$work/anvil.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$anvil_port") 2>/dev/null; then break; fi
-  sleep 0.1
-done
+background anvil "$anvil_port" "$LEDGERFLOW_CHAIN_MODULES/@foundry-rs/anvil-linux-amd64/bin/anvil" \
+  --network optimism --host 127.0.0.1 --port "$anvil_port"
 export LEDGERFLOW_TEST_ANVIL=http://127.0.0.1:$anvil_port
 log "anvil (OP Stack) on $LEDGERFLOW_TEST_ANVIL"
 export LEDGERFLOW_REQUIRE_SERVICES=1

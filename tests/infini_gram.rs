@@ -378,11 +378,9 @@ fn attribute_recorded(store: &Path, text: &str, output_id: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// A Datanet indexed with its own tokenizer: every accepted contribution becomes a document
-/// with its content hash and contributor, a contribution's own text attributes to it first,
-/// and data committed later becomes a new shard without touching the old ones.
-#[test]
-fn datanet_index_attributes_texts_to_their_contributions() {
+/// A store holding the quickstart's Datanet `legal` (300 contributions), in a temporary folder
+/// that lives as long as the returned guard.
+fn quickstart_store() -> (tempfile::TempDir, std::path::PathBuf) {
     let work = tempfile::tempdir().unwrap();
     let store = work.path().join("store");
     run_ok(
@@ -390,6 +388,15 @@ fn datanet_index_attributes_texts_to_their_contributions() {
             .args(["quickstart", "--count", "300", "--store"])
             .arg(&store),
     );
+    (work, store)
+}
+
+/// A Datanet indexed with its own tokenizer: every accepted contribution becomes a document
+/// with its content hash and contributor, a contribution's own text attributes to it first,
+/// and data committed later becomes a new shard without touching the old ones.
+#[test]
+fn datanet_index_attributes_texts_to_their_contributions() {
+    let (_work, store) = quickstart_store();
     let rows = sql_json(&store, "SELECT count(*) AS n FROM legal")[0]["n"]
         .as_u64()
         .unwrap();
@@ -562,13 +569,7 @@ fn datanet_index_attributes_texts_to_their_contributions() {
 /// and the credits land in `attributions`.
 #[test]
 fn index_job_attributes_a_quoting_text_to_its_three_contributors() {
-    let work = tempfile::tempdir().unwrap();
-    let store = work.path().join("store");
-    run_ok(
-        ledgerflow()
-            .args(["quickstart", "--count", "300", "--store"])
-            .arg(&store),
-    );
+    let (_work, store) = quickstart_store();
     let job = repo_root().join("jobs/index.yaml");
     let run = |store: &Path| -> Value {
         let out = run_ok(ledgerflow().arg("run").arg(&job).arg("--store").arg(store));

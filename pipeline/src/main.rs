@@ -218,10 +218,8 @@ enum RewardsCommand {
         epoch: u64,
         #[arg(long)]
         leaves: PathBuf,
-        #[arg(long)]
-        deployment: PathBuf,
-        #[arg(long, env = "LEDGERFLOW_RPC")]
-        rpc: String,
+        #[command(flatten)]
+        chain: ChainArgs,
         /// keccak256 of the epoch's published data and of its DA certificate.
         #[arg(
             long,
@@ -240,19 +238,31 @@ enum RewardsCommand {
         address: String,
         #[arg(long)]
         leaves: PathBuf,
-        #[arg(long)]
-        deployment: PathBuf,
-        #[arg(long, env = "LEDGERFLOW_RPC")]
-        rpc: String,
+        #[command(flatten)]
+        chain: ChainArgs,
     },
     /// ADDRESS's reward token balance and what EpochRewards has paid it, as JSON.
     Status {
         address: String,
-        #[arg(long)]
-        deployment: PathBuf,
-        #[arg(long, env = "LEDGERFLOW_RPC")]
-        rpc: String,
+        #[command(flatten)]
+        chain: ChainArgs,
     },
+}
+
+/// Which deployment, on which chain.
+#[derive(clap::Args)]
+struct ChainArgs {
+    /// The JSON `contracts deploy` printed (or wrote with `--out`).
+    #[arg(long)]
+    deployment: PathBuf,
+    #[arg(long, env = "LEDGERFLOW_RPC")]
+    rpc: String,
+}
+
+impl ChainArgs {
+    fn deployment(&self) -> Result<ledgerflow_chain::Deployment> {
+        ledgerflow_chain::Deployment::read(&self.deployment)
+    }
 }
 
 #[derive(Subcommand)]
@@ -1129,12 +1139,6 @@ fn rewards_tree(leaves: &Path) -> Result<ledgerflow_rewards::StandardMerkleTree>
     Ok(ledgerflow_rewards::StandardMerkleTree::of(leaves_read)?)
 }
 
-fn chain_runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
-}
-
 fn b256(text: &str, what: &str) -> Result<ledgerflow_chain::primitives::B256> {
     text.parse()
         .with_context(|| format!("{what} {text:?} is not 32 bytes of 0x hex"))
@@ -1167,8 +1171,7 @@ fn contracts_command(what: ContractsCommand) -> Result<()> {
                 voting_delay: 1,
                 voting_period: 50_400,
             };
-            let deployment =
-                chain_runtime()?.block_on(ledgerflow_chain::deploy(&rpc, key, &opts))?;
+            let deployment = io_runtime()?.block_on(ledgerflow_chain::deploy(&rpc, key, &opts))?;
             let json = serde_json::to_string_pretty(&deployment)?;
             if let Some(path) = out {
                 std::fs::write(&path, &json)
@@ -1211,8 +1214,7 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
         RewardsCommand::Settle {
             epoch,
             leaves,
-            deployment,
-            rpc,
+            chain,
             data_hash,
             da_commitment,
         } => {
@@ -1227,11 +1229,10 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
             );
             let total = total.context("the leaves' amounts add up to more than a uint256")?;
             let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_SETTLER_KEY")?;
-            let deployment = ledgerflow_chain::Deployment::read(&deployment)?;
-            let mined = chain_runtime()?.block_on(ledgerflow_chain::settle(
-                &rpc,
+            let mined = io_runtime()?.block_on(ledgerflow_chain::settle(
+                &chain.rpc,
                 key,
-                &deployment,
+                &chain.deployment()?,
                 epoch,
                 tree.root().into(),
                 b256(&data_hash, "--data-hash")?,
@@ -1246,16 +1247,14 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
         RewardsCommand::Claim {
             address,
             leaves,
-            deployment,
-            rpc,
+            chain,
         } => {
             let (account, _tree, leaf, proof) = leaf_and_proof(&address, &leaves)?;
             let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_CLAIM_KEY")?;
-            let deployment = ledgerflow_chain::Deployment::read(&deployment)?;
-            let (paid, mined) = chain_runtime()?.block_on(ledgerflow_chain::claim(
-                &rpc,
+            let (paid, mined) = io_runtime()?.block_on(ledgerflow_chain::claim(
+                &chain.rpc,
                 key,
-                &deployment,
+                &chain.deployment()?,
                 account.into(),
                 ledgerflow_chain::primitives::U256::from_be_bytes(leaf.amount.0),
                 proof.into_iter().map(Into::into).collect(),
@@ -1265,16 +1264,11 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
                 serde_json::json!({"account": checksum_address(&account), "cumulative": leaf.amount.to_string(), "paid": paid.to_string(), "transaction": mined})
             );
         }
-        RewardsCommand::Status {
-            address,
-            deployment,
-            rpc,
-        } => {
+        RewardsCommand::Status { address, chain } => {
             let account = parse_address(&address).map_err(anyhow::Error::msg)?;
-            let deployment = ledgerflow_chain::Deployment::read(&deployment)?;
-            let (balance, claimed) = chain_runtime()?.block_on(ledgerflow_chain::reward_status(
-                &rpc,
-                &deployment,
+            let (balance, claimed) = io_runtime()?.block_on(ledgerflow_chain::reward_status(
+                &chain.rpc,
+                &chain.deployment()?,
                 account.into(),
             ))?;
             println!(

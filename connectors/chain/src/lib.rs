@@ -118,6 +118,13 @@ fn url(rpc: &str) -> Result<alloy::transports::http::reqwest::Url> {
         .with_context(|| format!("{rpc} is not an RPC URL"))
 }
 
+/// A provider at `rpc` that signs with `signer` (nonce, gas and chain id filled in).
+fn signing_provider(rpc: &str, signer: PrivateKeySigner) -> Result<impl Provider + Clone> {
+    Ok(ProviderBuilder::new()
+        .wallet(EthereumWallet::from(signer))
+        .connect_http(url(rpc)?))
+}
+
 /// Sends a transaction and waits for its receipt; a reverted transaction is an error.
 macro_rules! mined {
     ($call:expr, $what:expr) => {{
@@ -147,9 +154,7 @@ pub async fn deploy(
     opts: &DeployOptions,
 ) -> Result<Deployment> {
     let from = deployer.address();
-    let provider = ProviderBuilder::new()
-        .wallet(EthereumWallet::from(deployer))
-        .connect_http(url(rpc)?);
+    let provider = signing_provider(rpc, deployer)?;
     let chain_id = provider.get_chain_id().await.context("eth_chainId")?;
     let token = OpenToken::deploy(&provider, from)
         .await
@@ -231,6 +236,16 @@ pub struct Mined {
     pub gas_used: u64,
 }
 
+impl Mined {
+    fn of(receipt: &alloy::rpc::types::TransactionReceipt) -> Self {
+        Self {
+            transaction: receipt.transaction_hash,
+            block: receipt.block_number.unwrap_or_default(),
+            gas_used: receipt.gas_used,
+        }
+    }
+}
+
 /// `EpochRewards.settle`: publishes epoch `epoch`'s root; checks the `Settled` event.
 #[allow(clippy::too_many_arguments)]
 pub async fn settle(
@@ -243,9 +258,7 @@ pub async fn settle(
     da_commitment: B256,
     total_cumulative: U256,
 ) -> Result<Mined> {
-    let provider = ProviderBuilder::new()
-        .wallet(EthereumWallet::from(settler))
-        .connect_http(url(rpc)?);
+    let provider = signing_provider(rpc, settler)?;
     let rewards = EpochRewards::new(deployment.epoch_rewards, &provider);
     let total = U192::checked_from_limbs_slice(total_cumulative.as_limbs())
         .filter(|t| U256::from(*t) == total_cumulative)
@@ -272,11 +285,7 @@ pub async fn settle(
             event.root
         );
     }
-    Ok(Mined {
-        transaction: receipt.transaction_hash,
-        block: receipt.block_number.unwrap_or_default(),
-        gas_used: receipt.gas_used,
-    })
+    Ok(Mined::of(&receipt))
 }
 
 /// `EpochRewards.claim` for `account` (sent and paid for by `sender`); returns the amount paid.
@@ -288,9 +297,7 @@ pub async fn claim(
     cumulative: U256,
     proof: Vec<B256>,
 ) -> Result<(U256, Mined)> {
-    let provider = ProviderBuilder::new()
-        .wallet(EthereumWallet::from(sender))
-        .connect_http(url(rpc)?);
+    let provider = signing_provider(rpc, sender)?;
     let rewards = EpochRewards::new(deployment.epoch_rewards, &provider);
     let call = rewards.claim(account, cumulative, proof);
     // Simulate first: a refusal comes back as the contract's typed error, not a mined revert.
@@ -301,14 +308,7 @@ pub async fn claim(
     let event = receipt
         .decoded_log::<EpochRewards::Claimed>()
         .context("the claim transaction emitted no Claimed event")?;
-    Ok((
-        event.amount,
-        Mined {
-            transaction: receipt.transaction_hash,
-            block: receipt.block_number.unwrap_or_default(),
-            gas_used: receipt.gas_used,
-        },
-    ))
+    Ok((event.amount, Mined::of(&receipt)))
 }
 
 /// The reward token balance of `account` and what `EpochRewards` has paid it.
