@@ -135,3 +135,47 @@ fn bad_leaf_files_fail_with_their_line() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// DatanetRegistry's content trees (leaves `["bytes32"]`) against the npm package: same root,
+/// same dump, same proofs, including repeated values.
+#[test]
+fn content_trees_equal_openzeppelins() {
+    let Some(modules) = node_modules() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
+    for n in [1usize, 2, 3, 6, 33, 1000] {
+        let mut values: Vec<[u8; 32]> = (0..n).map(|_| rng.gen()).collect();
+        if n > 3 {
+            values[n - 1] = values[1];
+        }
+        let text: String = values
+            .iter()
+            .map(|v| ledgerflow_rewards::merkle::hex0x(v) + "\n")
+            .collect();
+        let file = dir.path().join(format!("contents-{n}.txt"));
+        std::fs::write(&file, text).unwrap();
+        let reference = openzeppelin(&modules, &file);
+        let ours = ledgerflow_rewards::merkle::Bytes32Tree::of(values.clone()).unwrap();
+        assert_eq!(
+            ledgerflow_rewards::merkle::hex0x(ours.root()),
+            reference["root"],
+            "{n}"
+        );
+        assert_eq!(ours.dump(), reference["dump"], "dump of {n}");
+        for i in 0..n {
+            let proof: Vec<String> = ours
+                .proof(i)
+                .unwrap()
+                .iter()
+                .map(ledgerflow_rewards::merkle::hex0x)
+                .collect();
+            assert_eq!(
+                serde_json::json!(proof),
+                reference["proofs"][i],
+                "proof {i} of {n}"
+            );
+        }
+    }
+}

@@ -10,5 +10,5 @@ pub mod merkle;
 pub mod split;
 
 pub use amount::Amount;
-pub use merkle::{Account, Hash, Leaf, MerkleError, StandardMerkleTree};
+pub use merkle::{Account, Bytes32Tree, Hash, Leaf, MerkleError, StandardMerkleTree};
 pub use split::largest_remainder;

@@ -100,33 +100,7 @@ impl StandardMerkleTree {
         let threads = threads.max(1);
         let mut hashes = vec![[0u8; 32]; n];
         fill(&mut hashes, threads, |i| leaves[i].hash());
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| hashes[a].cmp(&hashes[b])); // stable, as JavaScript's sort
-        let mut tree = vec![[0u8; 32]; 2 * n - 1];
-        let mut tree_index = vec![0; n];
-        for (i, &v) in order.iter().enumerate() {
-            tree[2 * n - 2 - i] = hashes[v];
-            tree_index[v] = 2 * n - 2 - i;
-        }
-        drop(hashes);
-        // Inner nodes 0..n-1, deepest level first; level d holds nodes 2^d - 1 .. 2^(d+1) - 1,
-        // whose children all lie at 2^(d+1) - 1 or later.
-        if n > 1 {
-            let deepest = usize::BITS - 1 - (n - 1).leading_zeros(); // floor(log2(n - 1))
-            for d in (0..=deepest).rev() {
-                let start = (1usize << d) - 1;
-                let children_from = (1usize << (d + 1)) - 1;
-                let end = children_from.min(n - 1);
-                let (head, below) = tree.split_at_mut(children_from);
-                fill_from(&mut head[start..end], threads, |k| {
-                    let i = start + k;
-                    hash_pair(
-                        &below[2 * i + 1 - children_from],
-                        &below[2 * i + 2 - children_from],
-                    )
-                });
-            }
-        }
+        let (tree, tree_index) = build(hashes, threads);
         Ok(Self {
             tree,
             leaves,
@@ -151,14 +125,7 @@ impl StandardMerkleTree {
 
     /// The proof of leaf `index` (input order): the siblings from the leaf up to the root.
     pub fn proof(&self, index: usize) -> Option<Vec<Hash>> {
-        let mut i = *self.tree_index.get(index)?;
-        let mut proof = Vec::new();
-        while i > 0 {
-            let sibling = if i % 2 == 1 { i + 1 } else { i - 1 };
-            proof.push(self.tree[sibling]);
-            i = (i - 1) / 2;
-        }
-        Some(proof)
+        Some(proof_at(&self.tree, *self.tree_index.get(index)?))
     }
 
     /// The tree in `@openzeppelin/merkle-tree`'s dump format (`StandardMerkleTree.load` reads
@@ -170,6 +137,110 @@ impl StandardMerkleTree {
             "tree": self.tree.iter().map(hex0x).collect::<Vec<_>>(),
             "values": self.leaves.iter().zip(&self.tree_index).map(|(leaf, &i)| json!({
                 "value": [checksum_address(&leaf.account), leaf.amount.to_string()],
+                "treeIndex": i,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The tree array of StandardMerkleTree over leaf hashes `hashes` (input order): leaves sorted
+/// by hash (stably) at the end of a `2n − 1` array, inner nodes the sorted-pair hash of their
+/// children. Returns the array and each leaf's index in it.
+fn build(hashes: Vec<Hash>, threads: usize) -> (Vec<Hash>, Vec<usize>) {
+    let n = hashes.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| hashes[a].cmp(&hashes[b])); // stable, as JavaScript's sort
+    let mut tree = vec![[0u8; 32]; 2 * n - 1];
+    let mut tree_index = vec![0; n];
+    for (i, &v) in order.iter().enumerate() {
+        tree[2 * n - 2 - i] = hashes[v];
+        tree_index[v] = 2 * n - 2 - i;
+    }
+    drop(hashes);
+    // Inner nodes 0..n-1, deepest level first; level d holds nodes 2^d - 1 .. 2^(d+1) - 1,
+    // whose children all lie at 2^(d+1) - 1 or later.
+    if n > 1 {
+        let deepest = usize::BITS - 1 - (n - 1).leading_zeros(); // floor(log2(n - 1))
+        for d in (0..=deepest).rev() {
+            let start = (1usize << d) - 1;
+            let children_from = (1usize << (d + 1)) - 1;
+            let end = children_from.min(n - 1);
+            let (head, below) = tree.split_at_mut(children_from);
+            fill_from(&mut head[start..end], threads, |k| {
+                let i = start + k;
+                hash_pair(
+                    &below[2 * i + 1 - children_from],
+                    &below[2 * i + 2 - children_from],
+                )
+            });
+        }
+    }
+    (tree, tree_index)
+}
+
+/// The proof of the leaf at `tree_index` in a tree array: siblings from the leaf to the root.
+fn proof_at(tree: &[Hash], mut i: usize) -> Vec<Hash> {
+    let mut proof = Vec::new();
+    while i > 0 {
+        let sibling = if i % 2 == 1 { i + 1 } else { i - 1 };
+        proof.push(tree[sibling]);
+        i = (i - 1) / 2;
+    }
+    proof
+}
+
+/// StandardMerkleTree with leaf encoding `["bytes32"]` — what `DatanetRegistry` anchors per
+/// Datanet and epoch: the content hashes it accepted.
+#[derive(Debug, Clone)]
+pub struct Bytes32Tree {
+    tree: Vec<Hash>,
+    values: Vec<Hash>,
+    tree_index: Vec<usize>,
+}
+
+/// `keccak256(bytes.concat(keccak256(abi.encode(value))))` for a `bytes32` value.
+pub fn bytes32_leaf_hash(value: &Hash) -> Hash {
+    keccak(&keccak(value))
+}
+
+impl Bytes32Tree {
+    pub fn of(values: Vec<Hash>) -> Result<Self, MerkleError> {
+        if values.is_empty() {
+            return Err(MerkleError::Empty);
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut hashes = vec![[0u8; 32]; values.len()];
+        fill(&mut hashes, threads, |i| bytes32_leaf_hash(&values[i]));
+        let (tree, tree_index) = build(hashes, threads);
+        Ok(Self {
+            tree,
+            values,
+            tree_index,
+        })
+    }
+
+    pub fn root(&self) -> Hash {
+        self.tree[0]
+    }
+
+    /// The input index of `value`.
+    pub fn position(&self, value: &Hash) -> Option<usize> {
+        self.values.iter().position(|v| v == value)
+    }
+
+    /// The proof of value `index` (input order).
+    pub fn proof(&self, index: usize) -> Option<Vec<Hash>> {
+        Some(proof_at(&self.tree, *self.tree_index.get(index)?))
+    }
+
+    /// The tree in `@openzeppelin/merkle-tree`'s dump format.
+    pub fn dump(&self) -> Value {
+        json!({
+            "format": "standard-v1",
+            "leafEncoding": ["bytes32"],
+            "tree": self.tree.iter().map(hex0x).collect::<Vec<_>>(),
+            "values": self.values.iter().zip(&self.tree_index).map(|(v, &i)| json!({
+                "value": [hex0x(v)],
                 "treeIndex": i,
             })).collect::<Vec<_>>(),
         })

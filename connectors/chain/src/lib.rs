@@ -58,6 +58,8 @@ pub mod bindings {
     );
 }
 
+pub mod settlement;
+
 use bindings::{
     DatanetRegistry, EpochRewards, OpenToken, RewardGovernor, RewardParams, StakedOpen,
     TimelockController,
@@ -103,14 +105,38 @@ pub struct DeployOptions {
     pub voting_period: u32,
 }
 
-/// A signer from a hex private key held in environment variable `var` (never from job files or
-/// arguments, which end up in shell history and logs).
+/// A signer from the environment, never from job files or arguments (which end up in shell
+/// history and logs): the hex private key in `var`, or else the encrypted JSON keystore (Web3
+/// Secret Storage, as `cast wallet import` writes) at the path in `{var}STORE`, unlocked with
+/// the password in `{var}STORE_PASSWORD` or in the file named by `{var}STORE_PASSWORD_FILE`.
+/// E.g. `LEDGERFLOW_SETTLER_KEY`, or `LEDGERFLOW_SETTLER_KEYSTORE` and
+/// `LEDGERFLOW_SETTLER_KEYSTORE_PASSWORD_FILE`.
 pub fn signer_from_env(var: &str) -> Result<PrivateKeySigner> {
-    let key = std::env::var(var).with_context(|| {
-        format!("set {var} to the signing key (0x… hex); it is read from the environment only")
-    })?;
-    PrivateKeySigner::from_str(key.trim())
-        .with_context(|| format!("{var} is not a secp256k1 private key"))
+    if let Ok(key) = std::env::var(var) {
+        return PrivateKeySigner::from_str(key.trim())
+            .with_context(|| format!("{var} is not a secp256k1 private key"));
+    }
+    let store_var = format!("{var}STORE");
+    let Ok(path) = std::env::var(&store_var) else {
+        bail!(
+            "set {var} to the signing key (0x… hex), or {store_var} to a keystore file; keys are read from the environment only"
+        );
+    };
+    let password = match std::env::var(format!("{store_var}_PASSWORD")) {
+        Ok(p) => p,
+        Err(_) => {
+            let file_var = format!("{store_var}_PASSWORD_FILE");
+            let file = std::env::var(&file_var).with_context(|| {
+                format!("set {store_var}_PASSWORD or {file_var} to unlock the keystore {path}")
+            })?;
+            std::fs::read_to_string(&file)
+                .with_context(|| format!("reading the keystore password file {file}"))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string()
+        }
+    };
+    PrivateKeySigner::decrypt_keystore(&path, password)
+        .with_context(|| format!("unlocking the keystore {path} ({store_var})"))
 }
 
 fn url(rpc: &str) -> Result<alloy::transports::http::reqwest::Url> {
