@@ -92,8 +92,10 @@ background moto "$s3_port" "$venv/bin/python" -m moto.server -H 127.0.0.1 -p "$s
 export LEDGERFLOW_TEST_S3=http://127.0.0.1:$s3_port
 log "S3-compatible server (moto) on $LEDGERFLOW_TEST_S3"
 anvil_port=$(free_port)
+# --slots-in-an-epoch 1: `finalized` trails the head by two blocks (reward epochs read their
+# parameters at the finalized block).
 background anvil "$anvil_port" "$LEDGERFLOW_CHAIN_MODULES/@foundry-rs/anvil-linux-amd64/bin/anvil" \
-  --network optimism --host 127.0.0.1 --port "$anvil_port"
+  --network optimism --slots-in-an-epoch 1 --host 127.0.0.1 --port "$anvil_port"
 export LEDGERFLOW_TEST_ANVIL=http://127.0.0.1:$anvil_port
 log "anvil (OP Stack) on $LEDGERFLOW_TEST_ANVIL"
 export LEDGERFLOW_REQUIRE_SERVICES=1

@@ -16,28 +16,6 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-fn cast(modules: &str) -> Command {
-    Command::new(format!("{modules}/@foundry-rs/cast-linux-amd64/bin/cast"))
-}
-
-/// A TEST private key: keccak256 of a label.
-fn test_key(label: &str) -> String {
-    format!(
-        "0x{}",
-        hex::encode(ledgerflow_schemas::contribution::keccak256(
-            format!("ledgerflow TEST wallet: {label}").as_bytes()
-        ))
-    )
-}
-
-fn text(out: std::process::Output) -> String {
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn json(out: std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn write_leaves(path: &Path, leaves: &[(&str, u128)]) {
     let mut csv = String::from("address,amount\n");
     for (a, v) in leaves {
@@ -54,24 +32,7 @@ fn deploy_settle_two_epochs_and_claim_from_ledgerflow_and_cast() {
     let dir = tempfile::tempdir().unwrap();
     let settler = test_key("settler");
     let claimer = test_key("claimer");
-    let address_of = |key: &str| {
-        text(run_ok(cast(&modules).args([
-            "wallet",
-            "address",
-            "--private-key",
-            key,
-        ])))
-    };
-    for key in [&settler, &claimer] {
-        run_ok(cast(&modules).args([
-            "rpc",
-            "anvil_setBalance",
-            &address_of(key),
-            "0x56BC75E2D63100000",
-            "--rpc-url",
-            &rpc,
-        ]));
-    }
+    fund(&modules, &rpc, &[&settler, &claimer]);
     let deployment = dir.path().join("deployment.json");
     let deployed = json(run_ok(
         ledgerflow()

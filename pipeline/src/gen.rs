@@ -581,3 +581,102 @@ mod tests {
         assert_eq!(valid + refused, 200);
     }
 }
+
+/// What `gen attributions` writes.
+#[derive(Debug, Clone)]
+pub struct AttributionGen {
+    pub datanet: String,
+    /// Distinct contributors: synthetic addresses derived from the seed (no keys behind them).
+    pub contributors: u64,
+    pub outputs: u64,
+    /// Contributions credited per output (scores summing to 1).
+    pub per_output: u64,
+    /// `created_at` uniformly in `[from_ms, to_ms)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub seed: u64,
+}
+
+/// The synthetic address of contributor `i` of `seed` (keccak of both; no key behind it).
+pub fn synthetic_address(seed: u64, i: u64) -> [u8; 20] {
+    let mut buf = [0u8; 16];
+    buf[..8].copy_from_slice(&seed.to_be_bytes());
+    buf[8..].copy_from_slice(&i.to_be_bytes());
+    let h = ledgerflow_schemas::contribution::keccak256(&buf);
+    h[12..].try_into().expect("20 bytes")
+}
+
+/// Writes `attributions` rows (method `span`) for synthetic model outputs: the first rows
+/// credit every contributor once, later ones random contributors; the same for the same seed.
+/// Returns the number of rows.
+pub async fn write_attributions(
+    store: &ledgerflow_store::Store,
+    opts: &AttributionGen,
+) -> anyhow::Result<usize> {
+    use arrow_array::{
+        ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    };
+    use std::sync::Arc;
+    anyhow::ensure!(opts.to_ms > opts.from_ms, "--to must be after --from");
+    anyhow::ensure!(
+        opts.contributors > 0 && opts.per_output > 0,
+        "nothing to credit"
+    );
+    let mut rng = ChaCha20Rng::seed_from_u64(opts.seed);
+    let n = (opts.outputs * opts.per_output) as usize;
+    let (mut out_ids, mut hashes, mut who, mut scores, mut at) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut row = 0u64;
+    for o in 0..opts.outputs {
+        let created = rng.gen_range(opts.from_ms..opts.to_ms);
+        let weights: Vec<f64> = (0..opts.per_output)
+            .map(|_| rng.gen_range(0.05..1.0))
+            .collect();
+        let sum: f64 = weights.iter().sum();
+        for w in weights {
+            let c = if row < opts.contributors {
+                row
+            } else {
+                rng.gen_range(0..opts.contributors)
+            };
+            row += 1;
+            out_ids.push(format!("gen-{}-{o}", opts.seed));
+            let h = ledgerflow_schemas::contribution::keccak256(
+                format!("{}-{row}", opts.seed).as_bytes(),
+            );
+            hashes.push(hex0x::encode(&h));
+            who.push(hex0x::encode(&synthetic_address(opts.seed, c)));
+            scores.push(w / sum);
+            at.push(created);
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(out_ids)),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            opts.datanet.as_str(),
+            n,
+        ))),
+        Arc::new(StringArray::from(hashes)),
+        Arc::new(StringArray::from(who)),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            "span", n,
+        ))),
+        Arc::new(Float64Array::from(scores)),
+        Arc::new(TimestampMillisecondArray::from(at).with_timezone("UTC")),
+    ];
+    let batch = RecordBatch::try_new(ledgerflow_schemas::tables::attribution_schema(), columns)?;
+    crate::tokens::put_table_file(
+        store,
+        ledgerflow_schemas::tables::ATTRIBUTIONS_TABLE,
+        &batch,
+        "created_at",
+        &format!("gen-{}-{}.parquet", opts.seed, opts.from_ms),
+    )
+    .await?;
+    Ok(n)
+}

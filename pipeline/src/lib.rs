@@ -6,8 +6,10 @@
 //! - [`sql`]: read-only DataFusion over a store; [`gen`]: deterministic signed test data.
 //! - [`tokens`]: `ledgerflow index` (infini-gram-compatible token indexes and their queries);
 //!   [`batch`]: batch jobs that tokenize and index committed Datanet data.
+//! - [`epoch`]: reward epochs, from close to settled on the L2 and published to EigenDA.
 
 pub mod batch;
+pub mod epoch;
 pub mod gen;
 pub mod job_schema;
 pub mod naming;

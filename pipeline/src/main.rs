@@ -145,6 +145,9 @@ enum Command {
         /// Record the credits as `attributions` rows (method `span`) of this model output.
         #[arg(long)]
         output_id: Option<String>,
+        /// When the output was made (RFC 3339; default: now): the `created_at` of its rows.
+        #[arg(long, requires = "output_id")]
+        created_at: Option<String>,
     },
     /// The reward contracts on the L2 chain.
     Contracts {
@@ -160,6 +163,70 @@ enum Command {
     Rewards {
         #[command(subcommand)]
         what: RewardsCommand,
+    },
+    /// Reward epochs of a job's `epochs:` section: closed → computed → published → submitted →
+    /// settled, each step once across crashes.
+    Epoch {
+        #[command(subcommand)]
+        what: EpochCommand,
+    },
+}
+
+/// A job with an `epochs:` section, and its store.
+#[derive(clap::Args)]
+struct JobArgs {
+    /// The job file.
+    #[arg(long)]
+    job: PathBuf,
+    /// Store root. Default: the job's `store`, else ./data.
+    #[arg(long, env = "LEDGERFLOW_STORE")]
+    store: Option<String>,
+}
+
+impl JobArgs {
+    fn epochs(&self) -> Result<ledgerflow::epoch::Epochs> {
+        let spec = spec::load(&self.job).map_err(|d| anyhow::anyhow!("{d}"))?;
+        epochs_of(&spec, self.store.clone())
+    }
+}
+
+fn epochs_of(spec: &spec::JobSpec, store: Option<String>) -> Result<ledgerflow::epoch::Epochs> {
+    let cfg = spec
+        .header
+        .epochs
+        .clone()
+        .with_context(|| format!("{} has no `epochs:` section", spec.file))?;
+    let store = store
+        .or_else(|| spec.header.store.clone())
+        .unwrap_or_else(|| "./data".into());
+    Ok(ledgerflow::epoch::Epochs::new(
+        Store::open(&store)?,
+        &spec.header.name,
+        cfg,
+    ))
+}
+
+#[derive(Subcommand)]
+enum EpochCommand {
+    /// Every epoch up to the open one: window, state, root, pool, settlement.
+    List {
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Epoch N's journal (state, roots, DA commitment, transactions, gas, L1 fee) as JSON.
+    Status {
+        epoch: u64,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Settles every closed epoch in order (the settler key from LEDGERFLOW_SETTLER_KEY or a
+    /// keystore in LEDGERFLOW_SETTLER_KEYSTORE), then waits for the next to close, until Ctrl-C.
+    Run {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Stop once every closed epoch is settled.
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -191,6 +258,27 @@ enum DaCommand {
     /// Decodes an encoded payload on stdin; malformed input (header, padding, length) fails
     /// with the reason and writes nothing.
     Decode,
+    /// Serves the OP Stack alt-DA API (`POST /put`, `GET /get/0x…`) on loopback, keeping each
+    /// payload as the EigenDA blob eigenda-proxy would disperse; prints its URL, runs until
+    /// Ctrl-C. For tests and local runs (docker-compose runs eigenda-proxy's memstore).
+    /// Publishes stdin to an alt-DA server (eigenda-proxy); prints the commitment as 0x hex.
+    Put {
+        #[arg(long, env = "LEDGERFLOW_DA_URL")]
+        url: String,
+    },
+    /// Reads the payload behind a commitment from an alt-DA server to stdout.
+    Get {
+        commitment: String,
+        #[arg(long, env = "LEDGERFLOW_DA_URL")]
+        url: String,
+    },
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:3100")]
+        listen: String,
+        /// Also keep the blobs in this directory (they survive a restart).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,8 +296,8 @@ enum RewardsCommand {
     /// Prints the amount and Merkle proof of ADDRESS (its first leaf) as JSON.
     Proof {
         address: String,
-        #[arg(long)]
-        leaves: PathBuf,
+        #[command(flatten)]
+        leaves: LeavesArgs,
     },
     /// Settles epoch N on chain with the root of a leaves file (the settler key comes from
     /// LEDGERFLOW_SETTLER_KEY); prints the transaction as JSON.
@@ -236,8 +324,8 @@ enum RewardsCommand {
     /// paid for) by the key in LEDGERFLOW_CLAIM_KEY. Prints what was paid as JSON.
     Claim {
         address: String,
-        #[arg(long)]
-        leaves: PathBuf,
+        #[command(flatten)]
+        leaves: LeavesArgs,
         #[command(flatten)]
         chain: ChainArgs,
     },
@@ -249,19 +337,77 @@ enum RewardsCommand {
     },
 }
 
-/// Which deployment, on which chain.
+/// Which leaves: a CSV file, or a settled epoch of a job.
+#[derive(clap::Args)]
+struct LeavesArgs {
+    /// A CSV of `address,amount` leaves.
+    #[arg(long, required_unless_present = "epoch", conflicts_with = "epoch")]
+    leaves: Option<PathBuf>,
+    /// The cumulative leaves of epoch N of `--job`.
+    #[arg(long, requires = "job")]
+    epoch: Option<u64>,
+    /// The job whose epochs `--epoch` counts (and whose `epochs.chain` claims default to).
+    #[arg(long)]
+    job: Option<PathBuf>,
+    #[arg(long, env = "LEDGERFLOW_STORE")]
+    store: Option<String>,
+}
+
+impl LeavesArgs {
+    /// The leaves' CSV text and a name for messages.
+    fn read(&self) -> Result<(String, String)> {
+        if let Some(path) = &self.leaves {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            return Ok((text, path.display().to_string()));
+        }
+        let (Some(n), Some(job)) = (self.epoch, &self.job) else {
+            bail!("give --leaves FILE, or --epoch N with --job FILE");
+        };
+        let epochs = JobArgs {
+            job: job.clone(),
+            store: self.store.clone(),
+        }
+        .epochs()?;
+        let path = epochs.artifact(n, "leaves.csv");
+        let bytes = io_runtime()?
+            .block_on(epochs.store.get(&path))?
+            .with_context(|| format!("epoch {n} is not computed yet (no {path})"))?;
+        Ok((String::from_utf8(bytes.to_vec())?, path))
+    }
+}
+
+/// Which deployment, on which chain (default: the `epochs.chain` of `--job`).
 #[derive(clap::Args)]
 struct ChainArgs {
     /// The JSON `contracts deploy` printed (or wrote with `--out`).
     #[arg(long)]
-    deployment: PathBuf,
+    deployment: Option<PathBuf>,
     #[arg(long, env = "LEDGERFLOW_RPC")]
-    rpc: String,
+    rpc: Option<String>,
 }
 
 impl ChainArgs {
-    fn deployment(&self) -> Result<ledgerflow_chain::Deployment> {
-        ledgerflow_chain::Deployment::read(&self.deployment)
+    fn resolve(&self, job: Option<&Path>) -> Result<(String, ledgerflow_chain::Deployment)> {
+        let from_job = match job {
+            Some(j) => spec::load(j)
+                .map_err(|d| anyhow::anyhow!("{d}"))?
+                .header
+                .epochs
+                .map(|e| e.chain),
+            None => None,
+        };
+        let rpc = self
+            .rpc
+            .clone()
+            .or_else(|| from_job.as_ref().map(|c| c.rpc.clone()))
+            .context("give --rpc (or LEDGERFLOW_RPC)")?;
+        let deployment = self
+            .deployment
+            .clone()
+            .or_else(|| from_job.as_ref().map(|c| PathBuf::from(&c.deployment)))
+            .context("give --deployment")?;
+        Ok((rpc, ledgerflow_chain::Deployment::read(&deployment)?))
     }
 }
 
@@ -429,6 +575,29 @@ enum GenCommand {
         #[arg(long, requires = "planted")]
         manifest: Option<PathBuf>,
     },
+    /// Synthetic `attributions` rows (model outputs crediting contributors with scores summing
+    /// to 1) written to a store, for reward-epoch runs and benchmarks. Contributors are
+    /// synthetic addresses derived from the seed.
+    Attributions {
+        #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
+        store: String,
+        #[arg(long, default_value = "legal")]
+        datanet: String,
+        #[arg(long, default_value_t = 1000)]
+        contributors: u64,
+        #[arg(long, default_value_t = 1000)]
+        outputs: u64,
+        #[arg(long, default_value_t = 10)]
+        per_output: u64,
+        /// `created_at` from (RFC 3339) ...
+        #[arg(long)]
+        from: String,
+        /// ... to (exclusive).
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -443,6 +612,13 @@ enum DatanetCommand {
         name: String,
         #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
         store: String,
+    },
+    /// The inclusion proof of a contribution in the content root its Datanet anchored in
+    /// `DatanetRegistry` for its epoch, as JSON (`included(datanet, epoch, hash, proof)`).
+    Proof {
+        content_hash: String,
+        #[command(flatten)]
+        job: JobArgs,
     },
 }
 
@@ -530,6 +706,39 @@ fn real_main(command: Command) -> Result<i32> {
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
             }
+            Ok(0)
+        }
+        Command::Gen {
+            what:
+                GenCommand::Attributions {
+                    store,
+                    datanet,
+                    contributors,
+                    outputs,
+                    per_output,
+                    from,
+                    to,
+                    seed,
+                },
+        } => {
+            let ms = |t: &str| -> Result<i64> {
+                Ok(chrono::DateTime::parse_from_rfc3339(t)
+                    .with_context(|| format!("{t:?} is not RFC 3339"))?
+                    .timestamp_millis())
+            };
+            let opts = ledgerflow::gen::AttributionGen {
+                datanet,
+                contributors,
+                outputs,
+                per_output,
+                from_ms: ms(&from)?,
+                to_ms: ms(&to)?,
+                seed,
+            };
+            let store = Store::open(&store)?;
+            let rows =
+                io_runtime()?.block_on(ledgerflow::gen::write_attributions(&store, &opts))?;
+            println!("{}", serde_json::json!({"attributions": rows}));
             Ok(0)
         }
         Command::Gen {
@@ -648,6 +857,11 @@ fn real_main(command: Command) -> Result<i32> {
             progress,
         } => {
             let spec = spec::load(&file).map_err(|d| anyhow::anyhow!("{d}"))?;
+            if spec.nodes.is_empty() && spec.header.epochs.is_some() {
+                // A job of reward epochs only: `run` is `epoch run`.
+                let epochs = epochs_of(&spec, store)?;
+                return run_epochs(&io_runtime()?, epochs, until_idle.is_some());
+            }
             let plan = Plan::new(&spec).map_err(|d| anyhow::anyhow!("{}", spec::Diagnostics(d)))?;
             let store_url = store
                 .or_else(|| spec.header.store.clone())
@@ -727,6 +941,7 @@ fn real_main(command: Command) -> Result<i32> {
             min_len,
             max_cnt,
             output_id,
+            created_at,
         } => {
             let store = Store::open(&store)?;
             let dir = ledgerflow::tokens::datanet_index_dir(&store, &datanet)?;
@@ -737,9 +952,14 @@ fn real_main(command: Command) -> Result<i32> {
             };
             let mut result = ledgerflow::tokens::attribute_text(&dir, &text, &params)?;
             if let Some(id) = output_id {
-                let now = chrono::Utc::now().timestamp_millis();
+                let at = match created_at {
+                    Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
+                        .with_context(|| format!("--created-at {t:?} is not RFC 3339"))?
+                        .timestamp_millis(),
+                    None => chrono::Utc::now().timestamp_millis(),
+                };
                 let rows = io_runtime()?.block_on(ledgerflow::tokens::record_attributions(
-                    &store, &datanet, &id, &result, now,
+                    &store, &datanet, &id, &result, at,
                 ))?;
                 result["recorded"] = serde_json::json!({ "output_id": id, "rows": rows });
             }
@@ -748,6 +968,38 @@ fn real_main(command: Command) -> Result<i32> {
         }
         Command::Rewards { what } => rewards_command(what).map(|()| 0),
         Command::Contracts { what } => contracts_command(what).map(|()| 0),
+        Command::Epoch { what } => epoch_command(what),
+        Command::Da {
+            what: DaCommand::Serve { listen, dir },
+        } => {
+            let rt = io_runtime()?;
+            let addr = rt.block_on(ledgerflow_da::altda::serve(&listen, dir))?;
+            println!("http://{addr}");
+            std::io::stdout().flush()?;
+            let stop = shutdown_on_signal(&rt);
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(0)
+        }
+        Command::Da {
+            what: DaCommand::Get { commitment, url },
+        } => {
+            let digits = commitment.trim().trim_start_matches("0x");
+            let c = hex::decode(digits).with_context(|| format!("{commitment:?} is not hex"))?;
+            let payload = io_runtime()?.block_on(ledgerflow_da::AltDaClient::new(&url).get(&c))?;
+            std::io::stdout().lock().write_all(&payload)?;
+            Ok(0)
+        }
+        Command::Da {
+            what: DaCommand::Put { url },
+        } => {
+            let mut input = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
+            let c = io_runtime()?.block_on(ledgerflow_da::AltDaClient::new(&url).put(input))?;
+            println!("0x{}", hex::encode(c));
+            Ok(0)
+        }
         Command::Da { what } => {
             let mut input = Vec::new();
             std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
@@ -755,6 +1007,9 @@ fn real_main(command: Command) -> Result<i32> {
                 DaCommand::Encode => ledgerflow_da::encode(&input)?,
                 DaCommand::Decode => ledgerflow_da::decode(&input)
                     .with_context(|| format!("decoding {} bytes from stdin", input.len()))?,
+                DaCommand::Serve { .. } | DaCommand::Get { .. } | DaCommand::Put { .. } => {
+                    unreachable!("handled above")
+                }
             };
             let mut out = std::io::stdout().lock();
             out.write_all(&output)?;
@@ -811,9 +1066,56 @@ fn content_key(value: &[u8]) -> String {
     }
 }
 
+/// `datanet proof`: the epoch and Datanet whose anchored content root holds `hash`, and its proof.
+fn datanet_proof(content_hash: &str, job: &JobArgs) -> Result<serde_json::Value> {
+    use ledgerflow_rewards::merkle::hex0x;
+    let epochs = job.epochs()?;
+    let rt = io_runtime()?;
+    let digits = content_hash.trim().trim_start_matches("0x");
+    let wanted: [u8; 32] = hex::decode(digits)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("{content_hash:?} is not a 32-byte 0x hex content hash"))?;
+    for n in rt.block_on(epochs.journaled())?.into_iter().rev() {
+        let Some(j) = rt.block_on(epochs.journal(n))? else {
+            continue;
+        };
+        let Some(c) = j.computed else { continue };
+        for d in &c.datanets {
+            let values = rt.block_on(epochs.contents(n, &d.datanet))?;
+            let Some(i) = values.iter().position(|v| v == &wanted) else {
+                continue;
+            };
+            let tree = ledgerflow_rewards::Bytes32Tree::of(values)?;
+            let proof = tree.proof(i).expect("a leaf of the tree");
+            let anchored = j
+                .transactions
+                .iter()
+                .any(|t| matches!(&t.action, ledgerflow::epoch::Action::Anchor { datanet } if datanet == &d.datanet) && t.confirmed.is_some());
+            return Ok(serde_json::json!({
+                "content_hash": hex0x(wanted),
+                "datanet": d.datanet,
+                "epoch": n,
+                "root": hex0x(tree.root()),
+                "anchored": anchored,
+                "proof": proof.iter().map(hex0x).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    bail!(
+        "{} is in no content root of job `{}` computed so far",
+        hex0x(wanted),
+        epochs.job
+    )
+}
+
 fn datanet(what: DatanetCommand) -> Result<i32> {
     let rt = io_runtime()?;
     match what {
+        DatanetCommand::Proof { content_hash, job } => {
+            println!("{}", datanet_proof(&content_hash, &job)?);
+            Ok(0)
+        }
         DatanetCommand::List { store } => {
             let store = Store::open(&store)?;
             let tables = rt.block_on(sql::list_tables(&store))?;
@@ -1183,10 +1485,11 @@ fn contracts_command(what: ContractsCommand) -> Result<()> {
     Ok(())
 }
 
-/// The tree of a leaves file, and ADDRESS's first leaf in it with its proof.
+/// The tree of a leaves CSV (`name` for messages), and ADDRESS's first leaf in it with its proof.
 fn leaf_and_proof(
     address: &str,
-    leaves: &Path,
+    text: &str,
+    name: &str,
 ) -> Result<(
     ledgerflow_rewards::Account,
     ledgerflow_rewards::StandardMerkleTree,
@@ -1195,17 +1498,145 @@ fn leaf_and_proof(
 )> {
     use ledgerflow_rewards::merkle::{checksum_address, parse_address};
     let account = parse_address(address).map_err(anyhow::Error::msg)?;
-    let tree = rewards_tree(leaves)?;
-    let index = tree.position(&account).with_context(|| {
-        format!(
-            "{} has no leaf in {}",
-            checksum_address(&account),
-            leaves.display()
-        )
-    })?;
+    let leaves =
+        ledgerflow_rewards::merkle::parse_leaves_csv(text).with_context(|| name.to_string())?;
+    let tree = ledgerflow_rewards::StandardMerkleTree::of(leaves)?;
+    let index = tree
+        .position(&account)
+        .with_context(|| format!("{} has no leaf in {name}", checksum_address(&account)))?;
     let leaf = tree.leaves()[index];
     let proof = tree.proof(index).expect("a leaf of the tree");
     Ok((account, tree, leaf, proof))
+}
+
+fn epoch_command(what: EpochCommand) -> Result<i32> {
+    let rt = io_runtime()?;
+    match what {
+        EpochCommand::List { job } => {
+            let epochs = job.epochs()?;
+            let list = rt.block_on(epochs.list())?;
+            let short = |v: &serde_json::Value| match v.as_str() {
+                Some(s) if s.len() > 14 => format!("{}…", &s[..12]),
+                Some(s) => s.to_string(),
+                None => "-".into(),
+            };
+            println!(
+                "{:>6}  {:<24}  {:<24}  {:<9}  {:<13}  {:>6}  {:<13}",
+                "epoch", "start", "end", "state", "root", "paid", "settle tx"
+            );
+            for e in &list {
+                println!(
+                    "{:>6}  {:<24}  {:<24}  {:<9}  {:<13}  {:>6}  {:<13}",
+                    e["epoch"].as_u64().unwrap_or_default(),
+                    e["start"].as_str().unwrap_or_default(),
+                    e["end"].as_str().unwrap_or_default(),
+                    e["state"].as_str().unwrap_or_default(),
+                    short(&e["root"]),
+                    e["contributors_paid"]
+                        .as_u64()
+                        .map_or("-".into(), |n| n.to_string()),
+                    short(&e["settle_tx"]),
+                );
+            }
+            Ok(0)
+        }
+        EpochCommand::Status { epoch, job } => {
+            let epochs = job.epochs()?;
+            match rt.block_on(epochs.journal(epoch))? {
+                Some(j) => println!("{}", serde_json::to_string_pretty(&j)?),
+                None => {
+                    let (from, to) = epochs.cfg.window(epoch).map_err(anyhow::Error::msg)?;
+                    let closes = epochs.cfg.closes_at_ms(epoch).map_err(anyhow::Error::msg)?;
+                    let closed = rt
+                        .block_on(epochs.watermark())?
+                        .is_some_and(|w| w >= closes);
+                    println!(
+                        "{}",
+                        serde_json::json!({"epoch": epoch, "state": if closed { "closed" } else { "open" }, "start_ms": from, "end_ms": to})
+                    );
+                }
+            }
+            Ok(0)
+        }
+        EpochCommand::Run { job, once } => {
+            let epochs = job.epochs()?;
+            run_epochs(&rt, epochs, once)
+        }
+    }
+}
+
+/// `epoch run`: settles closed epochs; with `once`, stops when none is left.
+fn run_epochs(
+    rt: &tokio::runtime::Runtime,
+    epochs: ledgerflow::epoch::Epochs,
+    once: bool,
+) -> Result<i32> {
+    let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_SETTLER_KEY")?;
+    let poll = Duration::from_secs_f64(epochs.cfg.poll_seconds);
+    let _lock = epochs_lock(&epochs)?;
+    let settler = rt.block_on(ledgerflow::epoch::Settler::connect(epochs, key))?;
+    let stop = shutdown_on_signal(rt);
+    loop {
+        let started = Instant::now();
+        let settled = rt.block_on(settler.run_once())?;
+        for n in &settled {
+            let j = rt
+                .block_on(settler.epochs.journal(*n))?
+                .context("a settled epoch has a journal")?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "epoch": n,
+                    "state": j.state,
+                    "root": j.computed.as_ref().map(|c| c.root.to_string()),
+                    "contributors_paid": j.computed.as_ref().map(|c| c.contributors_paid),
+                    "da_commitment": j.published.as_ref().map(|p| p.commitment.clone()),
+                    "settle_tx": j.settlement.as_ref().map(|s| s.transaction.to_string()),
+                    "settle_gas": j.settlement.as_ref().map(|s| s.gas_used),
+                    "gas_used": j.total_gas_used,
+                    "l1_fee_wei": j.total_l1_fee,
+                    "seconds": started.elapsed().as_secs_f64(),
+                })
+            );
+        }
+        if once || stop.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
+        let until = Instant::now() + poll;
+        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
+    }
+}
+
+/// One settler per job and local store: an exclusive `flock` on `epochs/<job>.lock`, held
+/// until the process exits (a second `epoch run` fails at once instead of racing the first).
+#[allow(unsafe_code)]
+fn epochs_lock(epochs: &ledgerflow::epoch::Epochs) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let url = epochs.store.url();
+    if url.scheme() != "file" {
+        return Ok(None);
+    }
+    let dir = url
+        .to_file_path()
+        .map_err(|_| anyhow::anyhow!("{url} is not a local path"))?
+        .join("epochs");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.lock", epochs.job));
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another `epoch run` holds {} (one settler per job and store)",
+            path.display()
+        );
+    }
+    Ok(Some(file))
 }
 
 fn rewards_command(what: RewardsCommand) -> Result<()> {
@@ -1229,10 +1660,11 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
             );
             let total = total.context("the leaves' amounts add up to more than a uint256")?;
             let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_SETTLER_KEY")?;
+            let (rpc, deployment) = chain.resolve(None)?;
             let mined = io_runtime()?.block_on(ledgerflow_chain::settle(
-                &chain.rpc,
+                &rpc,
                 key,
-                &chain.deployment()?,
+                &deployment,
                 epoch,
                 tree.root().into(),
                 b256(&data_hash, "--data-hash")?,
@@ -1249,12 +1681,14 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
             leaves,
             chain,
         } => {
-            let (account, _tree, leaf, proof) = leaf_and_proof(&address, &leaves)?;
+            let (text, name) = leaves.read()?;
+            let (account, _tree, leaf, proof) = leaf_and_proof(&address, &text, &name)?;
             let key = ledgerflow_chain::signer_from_env("LEDGERFLOW_CLAIM_KEY")?;
+            let (rpc, deployment) = chain.resolve(leaves.job.as_deref())?;
             let (paid, mined) = io_runtime()?.block_on(ledgerflow_chain::claim(
-                &chain.rpc,
+                &rpc,
                 key,
-                &chain.deployment()?,
+                &deployment,
                 account.into(),
                 ledgerflow_chain::primitives::U256::from_be_bytes(leaf.amount.0),
                 proof.into_iter().map(Into::into).collect(),
@@ -1266,9 +1700,10 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
         }
         RewardsCommand::Status { address, chain } => {
             let account = parse_address(&address).map_err(anyhow::Error::msg)?;
+            let (rpc, deployment) = chain.resolve(None)?;
             let (balance, claimed) = io_runtime()?.block_on(ledgerflow_chain::reward_status(
-                &chain.rpc,
-                &chain.deployment()?,
+                &rpc,
+                &deployment,
                 account.into(),
             ))?;
             println!(
@@ -1285,7 +1720,8 @@ fn rewards_command(what: RewardsCommand) -> Result<()> {
             println!("{}", hex0x(tree.root()));
         }
         RewardsCommand::Proof { address, leaves } => {
-            let (account, tree, leaf, proof) = leaf_and_proof(&address, &leaves)?;
+            let (text, name) = leaves.read()?;
+            let (account, tree, leaf, proof) = leaf_and_proof(&address, &text, &name)?;
             println!(
                 "{}",
                 serde_json::json!({

@@ -11,8 +11,8 @@ use datafusion::datasource::listing::{
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use ledgerflow_schemas::tables::{
-    contribution_schema, penalty_schema, rejection_schema, PARTITION_COLUMN, PENALTIES_TABLE,
-    REJECTIONS_TABLE,
+    attribution_schema, contribution_schema, inference_schema, penalty_schema, rejection_schema,
+    ATTRIBUTIONS_TABLE, INFERENCES_TABLE, PARTITION_COLUMN, PENALTIES_TABLE, REJECTIONS_TABLE,
 };
 use ledgerflow_store::layout::valid_table_name;
 use ledgerflow_store::{Store, TableKind};
@@ -87,15 +87,30 @@ fn known_schema(kind: TableKind, name: &str) -> Option<SchemaRef> {
         (TableKind::Datanet, _) => Some(contribution_schema()),
         (TableKind::Engine, REJECTIONS_TABLE) => Some(rejection_schema()),
         (TableKind::Engine, PENALTIES_TABLE) => Some(penalty_schema()),
+        (TableKind::Engine, ATTRIBUTIONS_TABLE) => Some(attribution_schema()),
+        (TableKind::Engine, INFERENCES_TABLE) => Some(inference_schema()),
         _ => None,
     }
 }
 
 /// A session with every table of `store` registered by name.
 pub async fn session(store: &Store) -> Result<SessionContext, SqlError> {
+    session_with_partitions(
+        store,
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    )
+    .await
+}
+
+/// [`session`] planning `partitions` partitions per query (1: every aggregate sums in one
+/// order, run after run).
+pub async fn session_with_partitions(
+    store: &Store,
+    partitions: usize,
+) -> Result<SessionContext, SqlError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
-        .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        .with_target_partitions(partitions.max(1));
     let ctx = SessionContext::new_with_config(config);
     let url = store.url();
     if url.scheme() != "file" {
@@ -129,6 +144,8 @@ pub async fn session(store: &Store) -> Result<SessionContext, SqlError> {
     for (name, schema) in [
         (REJECTIONS_TABLE, rejection_schema()),
         (PENALTIES_TABLE, penalty_schema()),
+        (ATTRIBUTIONS_TABLE, attribution_schema()),
+        (INFERENCES_TABLE, inference_schema()),
     ] {
         if !tables.iter().any(|t| t.name == name && t.files > 0) {
             let empty = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
@@ -257,6 +274,8 @@ mod tests {
             "SELECT count(*) FROM contributors",
             "SELECT count(*) FROM rejections",
             "SELECT count(*) FROM penalties",
+            "SELECT count(*) FROM attributions",
+            "SELECT count(*) FROM inferences",
         ] {
             let batches = query(&store, q)
                 .await

@@ -747,7 +747,7 @@ async fn write_substring_tables(
 
 /// Writes `batch` into the engine table `table` as one Parquet file named `file` per UTC day of
 /// `time_column`, replacing files of that name.
-async fn put_table_file(
+pub(crate) async fn put_table_file(
     store: &ledgerflow_store::Store,
     table: &str,
     batch: &arrow_array::RecordBatch,

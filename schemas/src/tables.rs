@@ -189,6 +189,39 @@ pub fn attribution_schema() -> SchemaRef {
     ATTRIBUTION.clone()
 }
 
+/// Name of the engine's table of model inferences (written by the serving stage, read by the
+/// reward epochs for their fees).
+pub const INFERENCES_TABLE: &str = "inferences";
+
+static INFERENCE: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("request_id", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("adapter_generation", DataType::Utf8, true),
+        Field::new("datanet", DataType::Utf8, true),
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new("output", DataType::Utf8, false),
+        Field::new("prompt_tokens", DataType::UInt32, false),
+        Field::new("completion_tokens", DataType::UInt32, false),
+        Field::new("time_to_first_token_ms", DataType::Float64, true),
+        Field::new("total_ms", DataType::Float64, true),
+        Field::new("fee", DataType::Decimal128(38, 0), true),
+        Field::new(
+            "created_at",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
+});
+
+/// A row of `inferences`: one answered request (`request_id` is the `output_id` of its
+/// `attributions`), the model or adapter generation that answered it, tokens, timing, and the
+/// `fee` paid for it in the reward token's base units (part of its epoch's pool). Partitioned by
+/// the UTC day of `created_at`.
+pub fn inference_schema() -> SchemaRef {
+    INFERENCE.clone()
+}
+
 /// Names of the columns of `required` missing from `actual` or of another type, for plan-time checks.
 pub fn missing_columns(required: &Schema, actual: &Schema) -> Vec<String> {
     required

@@ -8,12 +8,13 @@
 use std::str::FromStr;
 
 pub use alloy::primitives;
+pub use alloy::rpc::types::TransactionRequest;
+pub use alloy::signers::local::PrivateKeySigner;
 
 use alloy::network::EthereumWallet;
 use alloy::primitives::aliases::{U192, U224, U48};
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{Provider, ProviderBuilder};
-use alloy::signers::local::PrivateKeySigner;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 

@@ -75,7 +75,7 @@ pub struct Confirmed {
 }
 
 /// The L1 fee parameters of an OP Stack chain (what `L1Block` holds).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L1FeeParams {
     pub base_fee_scalar: u32,
     pub blob_base_fee_scalar: u32,
@@ -153,9 +153,12 @@ impl Chain {
 
     /// The block named by `tag` (`finalized`, `safe`, `latest` or a number).
     pub async fn block(&self, tag: &str) -> Result<PinnedBlock> {
-        let tag: BlockNumberOrTag = tag
-            .parse()
-            .with_context(|| format!("{tag:?} is not a block tag or number"))?;
+        let tag: BlockNumberOrTag = match tag.parse::<u64>() {
+            Ok(n) => BlockNumberOrTag::Number(n),
+            Err(_) => tag
+                .parse()
+                .with_context(|| format!("{tag:?} is not a block tag or number"))?,
+        };
         let block = self
             .provider
             .get_block_by_number(tag)

@@ -180,6 +180,9 @@ pub struct JobHeader {
     pub state: StateConfig,
     #[serde(default)]
     pub penalties: PenaltyPolicy,
+    /// Reward epochs (`ledgerflow epoch run`).
+    #[serde(default)]
+    pub epochs: Option<crate::epoch::EpochConfig>,
 }
 
 /// The EIP-712 domain contributions are signed in: name `ledgerflow`, version `1`, and these.
@@ -537,6 +540,16 @@ pub fn parse(
                 None,
             ));
         }
+        if let Some(ep) = &h.epochs {
+            for (key, message) in ep.problems() {
+                diags.push(diag(
+                    nested("epochs", key),
+                    &format!("epochs.{key}"),
+                    message,
+                    None,
+                ));
+            }
+        }
         for key in h.penalties.points.keys() {
             let known = key.strip_prefix("quality:").map_or_else(
                 || REASONS.contains(&key.as_str()),
@@ -593,8 +606,10 @@ pub fn parse(
             }
         }
     }
+    let epochs_only = map.get_node("epochs").is_some() && map.get_node("sources").is_none();
     if !nodes.iter().any(|n| n.role == Role::Source)
         && !diags.iter().any(|d| d.key.starts_with("sources"))
+        && !epochs_only
     {
         diags.push(diag(
             Pos::of(&root),

@@ -1,0 +1,342 @@
+//! Reward epochs end to end on a real chain (anvil `--network optimism`, started by
+//! `scripts/test.sh`) with the alt-DA loopback server (`ledgerflow da serve`):
+//!
+//! - the state machine killed at every step of two epochs (`LEDGERFLOW_EPOCH_CRASH`, an abort
+//!   like `kill -9`) and restarted each time settles every epoch exactly once, with the same
+//!   roots and cumulative amounts as a run that never crashed, and every epoch's data readable
+//!   from DA under the commitment `settle` recorded;
+//! - contributions → Datanet → index → attributions of model outputs in two epochs → both
+//!   settled with the Datanet's content roots anchored → contributors claim with `ledgerflow
+//!   rewards claim --epoch` and with `cast` from outside; balances equal the cumulative
+//!   rewards, a second claim pays nothing, and `ledgerflow datanet proof` passes
+//!   `DatanetRegistry.included` on chain.
+//!
+//! Keys are TEST wallets derived from fixed labels and funded with `anvil_setBalance`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+/// A deployment on the shared anvil, its settler, and a DA server of our own.
+struct Chain {
+    rpc: String,
+    modules: String,
+    settler: String,
+    deployment: PathBuf,
+    deployed: Value,
+    da: Child,
+    da_url: String,
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let _ = self.da.kill();
+        let _ = self.da.wait();
+    }
+}
+
+fn setup(label: &str, dir: &Path) -> Option<Chain> {
+    let (Some(rpc), Some(modules)) = (anvil(), chain_modules()) else {
+        return None;
+    };
+    let settler = test_key(&format!("{label} settler"));
+    fund(&modules, &rpc, &[&settler]);
+    let deployment = dir.join(format!("{label}-deployment.json"));
+    let deployed = json(run_ok(
+        ledgerflow()
+            .args(["contracts", "deploy", "--rpc", &rpc, "--out"])
+            .arg(&deployment)
+            .env("LEDGERFLOW_DEPLOYER_KEY", &settler),
+    ));
+    // `finalized` (two blocks behind the head here) must cover the deployment.
+    run_ok(cast(&modules).args(["rpc", "anvil_mine", "3", "--rpc-url", &rpc]));
+    let mut da = ledgerflow()
+        .args(["da", "serve", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir.join(format!("{label}-da")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(da.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Some(Chain {
+        rpc,
+        modules,
+        settler,
+        deployment,
+        deployed,
+        da,
+        da_url: line.trim().to_owned(),
+    })
+}
+
+/// A job of reward epochs only: hourly from 2026-01-01, ten minutes of lateness, 90% to the
+/// data contributors and 10% to a protocol treasury, emission and threshold from the chain.
+fn write_job(dir: &Path, chain: &Chain, name: &str, start: &str) -> PathBuf {
+    let job = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &job,
+        format!(
+            "name: {name}\n\
+             epochs:\n  \
+               start: \"{start}\"\n  \
+               length_seconds: 3600\n  \
+               lateness_seconds: 600\n  \
+               shares: {{ data: 9000, protocol: 1000 }}\n  \
+               protocol: \"0x000000000000000000000000000000000000dEaD\"\n  \
+               poll_seconds: 0.2\n  \
+               chain:\n    \
+                 rpc: {}\n    \
+                 deployment: {}\n  \
+               da:\n    \
+                 url: {}\n",
+            chain.rpc,
+            chain.deployment.display(),
+            chain.da_url
+        ),
+    )
+    .unwrap();
+    run_ok(ledgerflow().arg("validate").arg(&job));
+    job
+}
+
+fn epoch_run(chain: &Chain, job: &Path, store: &Path) -> Command {
+    let mut cmd = ledgerflow();
+    cmd.args(["epoch", "run", "--once", "--job"])
+        .arg(job)
+        .arg("--store")
+        .arg(store)
+        .env("LEDGERFLOW_SETTLER_KEY", &chain.settler)
+        .env_remove("LEDGERFLOW_EPOCH_CRASH");
+    cmd
+}
+
+fn status(job: &Path, store: &Path, n: u64) -> Value {
+    json(run_ok(
+        ledgerflow()
+            .args(["epoch", "status", &n.to_string(), "--job"])
+            .arg(job)
+            .arg("--store")
+            .arg(store),
+    ))
+}
+
+fn call(chain: &Chain, to: &str, sig: &str, args: &[&str]) -> String {
+    let out = text(run_ok(
+        cast(&chain.modules)
+            .args(["call", to, sig])
+            .args(args)
+            .args(["--rpc-url", &chain.rpc]),
+    ));
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// The `Settled` events of a deployment, as (epoch, root, dataHash, daCommitment).
+fn settled_events(chain: &Chain) -> Vec<(u64, String, String, String)> {
+    let out = run_ok(cast(&chain.modules).args([
+        "logs",
+        "--json",
+        "--from-block",
+        "0",
+        "--address",
+        chain.deployed["epoch_rewards"].as_str().unwrap(),
+        "Settled(uint64 indexed,bytes32,bytes32,bytes32,uint256)",
+        "--rpc-url",
+        &chain.rpc,
+    ]));
+    let logs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    logs.iter()
+        .map(|l| {
+            let epoch = u64::from_str_radix(
+                l["topics"][1].as_str().unwrap().trim_start_matches("0x"),
+                16,
+            )
+            .unwrap();
+            let data = l["data"].as_str().unwrap().trim_start_matches("0x");
+            let word = |i: usize| format!("0x{}", &data[64 * i..64 * (i + 1)]);
+            (epoch, word(0), word(1), word(2))
+        })
+        .collect()
+}
+
+/// Attributions of synthetic outputs over epochs 1–3 and one record at 03:30 (event time that
+/// closes epochs 1–3 and not 4).
+fn epoch_store(store: &Path) {
+    for (from, to, outputs, seed) in [
+        ("2026-01-01T00:00:00Z", "2026-01-01T03:00:00Z", "600", "7"),
+        ("2026-01-01T03:30:00Z", "2026-01-01T03:31:00Z", "1", "8"),
+    ] {
+        run_ok(
+            ledgerflow()
+                .args([
+                    "gen",
+                    "attributions",
+                    "--contributors",
+                    "300",
+                    "--outputs",
+                    outputs,
+                    "--per-output",
+                    "6",
+                    "--from",
+                    from,
+                    "--to",
+                    to,
+                    "--seed",
+                    seed,
+                    "--store",
+                ])
+                .arg(store),
+        );
+    }
+}
+
+#[test]
+fn killed_at_every_step_each_epoch_settles_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(chain) = setup("epochs-crash", dir.path()) else {
+        return;
+    };
+    let store = dir.path().join("store");
+    epoch_store(&store);
+    let job = write_job(dir.path(), &chain, "rewards", "2026-01-01T00:00:00Z");
+    let points = [
+        "computing",
+        "computed",
+        "put",
+        "published",
+        "signed",
+        "broadcast",
+        "confirmed",
+        "settled",
+    ];
+    for epoch in [1, 2] {
+        for point in points {
+            let out = epoch_run(&chain, &job, &store)
+                .env("LEDGERFLOW_EPOCH_CRASH", format!("{point}@{epoch}"))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && stderr.contains(&format!("aborting at `{point}` of epoch {epoch}")),
+                "no crash at {point}@{epoch}: {stderr}"
+            );
+        }
+    }
+    let out = run_ok(&mut epoch_run(&chain, &job, &store));
+    let settled: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        settled
+            .iter()
+            .map(|s| s["epoch"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![3],
+        "the last run settles what is left"
+    );
+    // Nothing left: a further run does nothing.
+    assert!(run_ok(&mut epoch_run(&chain, &job, &store))
+        .stdout
+        .is_empty());
+
+    // Exactly one Settled event per epoch, matching each journal.
+    let events = settled_events(&chain);
+    assert_eq!(
+        events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "{events:?}"
+    );
+    let rewards = chain.deployed["epoch_rewards"].as_str().unwrap();
+    assert_eq!(call(&chain, rewards, "epoch()(uint64)", &[]), "3");
+
+    // The same epochs settled by a run that never crashed, on another deployment.
+    let reference_chain = setup("epochs-reference", dir.path()).unwrap();
+    let reference_store = dir.path().join("reference-store");
+    epoch_store(&reference_store);
+    let reference_job = write_job(
+        dir.path(),
+        &reference_chain,
+        "rewards",
+        "2026-01-01T00:00:00Z",
+    );
+    run_ok(&mut epoch_run(
+        &reference_chain,
+        &reference_job,
+        &reference_store,
+    ));
+    for (n, root, data_hash, commitment_hash) in &events {
+        let j = status(&job, &store, *n);
+        let r = status(&reference_job, &reference_store, *n);
+        assert_eq!(j["state"], "settled");
+        assert_eq!(j["computed"]["root"], r["computed"]["root"], "epoch {n}");
+        assert_eq!(
+            j["computed"]["total_cumulative"], r["computed"]["total_cumulative"],
+            "epoch {n}"
+        );
+        assert_eq!(
+            std::fs::read(store.join(format!("epochs/rewards/{n:08}/leaves.csv"))).unwrap(),
+            std::fs::read(reference_store.join(format!("epochs/rewards/{n:08}/leaves.csv")))
+                .unwrap(),
+            "epoch {n}'s leaves"
+        );
+        assert_eq!(&j["computed"]["root"], root);
+        assert_eq!(&j["computed"]["data_hash"], data_hash);
+        assert_eq!(&j["published"]["commitment_hash"], commitment_hash);
+        let settles: Vec<&Value> = j["transactions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["action"]["kind"] == "settle")
+            .collect();
+        assert_eq!(settles.len(), 1, "epoch {n} signed one settle: {j}");
+        assert!(j["settlement"]["gas_used"].as_u64().unwrap() > 21_000);
+        assert!(j["settlement"]["l1_fee"]["fee"].as_u64().unwrap() > 0);
+
+        // The epoch's data, read back from DA under the journaled commitment.
+        let payload = run_ok(
+            ledgerflow()
+                .args(["da", "get", j["published"]["commitment"].as_str().unwrap()])
+                .args(["--url", &chain.da_url]),
+        )
+        .stdout;
+        assert_eq!(
+            ledgerflow_rewards::merkle::hex0x(ledgerflow_schemas::contribution::keccak256(
+                &payload
+            )),
+            *data_hash
+        );
+        let body = zstd_decode(&payload);
+        let manifest: Value = serde_json::from_str(body.lines().next().unwrap()).unwrap();
+        assert_eq!(manifest["epoch"], *n);
+        assert_eq!(&manifest["root"], root);
+        assert!(manifest["params"]["block_hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("0x"));
+    }
+    let total = status(&job, &store, 3)["computed"]["total_cumulative"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        call(&chain, rewards, "totalCumulative()(uint192)", &[]),
+        total,
+        "paid once: the cumulative total on chain is the uncrashed run's"
+    );
+    // Three epochs of the chain's emission (1000 tokens each), all of it allocated.
+    assert_eq!(total, (3_000u128 * 10u128.pow(18)).to_string());
+}
+
+fn zstd_decode(bytes: &[u8]) -> String {
+    String::from_utf8(zstd::decode_all(bytes).unwrap()).unwrap()
+}
