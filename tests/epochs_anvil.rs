@@ -340,3 +340,206 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
 fn zstd_decode(bytes: &[u8]) -> String {
     String::from_utf8(zstd::decode_all(bytes).unwrap()).unwrap()
 }
+
+fn sql_rows(store: &Path, query: &str) -> Vec<Value> {
+    json(run_ok(
+        ledgerflow()
+            .args(["sql", query, "--format", "json", "--store"])
+            .arg(store),
+    ))
+    .as_array()
+    .unwrap()
+    .clone()
+}
+
+/// `attribute` the text of a contribution as model output `id`, made at `at`.
+fn attribute(store: &Path, text: &str, id: &str, at: &str) -> Value {
+    json(run_ok(
+        ledgerflow()
+            .args(["attribute", "--datanet", "legal", "--output-id", id])
+            .args(["--created-at", at, "--text", text, "--store"])
+            .arg(store),
+    ))
+}
+
+#[test]
+fn contributions_to_two_settled_epochs_and_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(chain) = setup("epochs-e2e", dir.path()) else {
+        return;
+    };
+    let claimer = test_key("epochs-e2e claimer");
+    fund(&chain.modules, &chain.rpc, &[&claimer]);
+    let store = dir.path().join("store");
+    run_ok(
+        ledgerflow()
+            .args(["quickstart", "--count", "200", "--store"])
+            .arg(&store),
+    );
+    run_ok(
+        ledgerflow()
+            .args(["index", "build", "--datanet", "legal", "--vocab-size", "2000", "--store"])
+            .arg(&store),
+    );
+    // Epoch 1 starts ten minutes before the contributions arrived.
+    let first = sql_rows(
+        &store,
+        "SELECT CAST(min(kafka_timestamp) AS BIGINT) AS t FROM legal",
+    )[0]["t"]
+        .as_i64()
+        .unwrap();
+    let start = first - 600_000;
+    let at = |offset_minutes: i64| {
+        chrono::DateTime::from_timestamp_millis(start + offset_minutes * 60_000)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let picked = sql_rows(
+        &store,
+        "SELECT content_hash, contributor, content FROM legal ORDER BY content_hash LIMIT 3",
+    );
+    let (a, b, c) = (&picked[0], &picked[1], &picked[2]);
+    let content = |v: &Value| v["content"].as_str().unwrap().to_owned();
+    // Epoch 1: an output drawn from a's text; epoch 2: from b's and from c's; an output in
+    // epoch 3 is the event time that closes epoch 2.
+    let credited = attribute(&store, &content(a), "out-1", &at(5));
+    assert_eq!(credited["contributions"][0]["contributor"], a["contributor"]);
+    attribute(&store, &content(b), "out-2", &at(65));
+    attribute(&store, &content(c), "out-3", &at(70));
+    attribute(&store, &content(c), "out-4", &at(131));
+
+    let job = write_job(
+        dir.path(),
+        &chain,
+        "rewards",
+        &chrono::DateTime::from_timestamp_millis(start)
+            .unwrap()
+            .to_rfc3339(),
+    );
+    let out = run_ok(&mut epoch_run(&chain, &job, &store));
+    let settled: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(settled.len(), 2, "{settled:?}");
+    let listed = text(run_ok(
+        ledgerflow()
+            .args(["epoch", "list", "--job"])
+            .arg(&job)
+            .arg("--store")
+            .arg(&store),
+    ));
+    assert_eq!(listed.matches("settled").count(), 2, "{listed}");
+    assert!(listed.contains(" open "), "{listed}");
+
+    // Epoch 1 anchored the Datanet's contributions; a's inclusion proof holds on chain.
+    let one = status(&job, &store, 1);
+    assert_eq!(one["computed"]["datanets"][0]["datanet"], "legal", "{one}");
+    assert_eq!(
+        one["computed"]["datanets"][0]["contributions"],
+        sql_rows(&store, "SELECT count(*) AS n FROM legal")[0]["n"]
+    );
+    let proof = json(run_ok(
+        ledgerflow()
+            .args(["datanet", "proof", a["content_hash"].as_str().unwrap(), "--job"])
+            .arg(&job)
+            .arg("--store")
+            .arg(&store),
+    ));
+    assert_eq!(proof["epoch"], 1);
+    assert_eq!(proof["anchored"], true);
+    let siblings = |p: &Value| {
+        format!(
+            "[{}]",
+            p["proof"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    let registry = chain.deployed["datanet_registry"].as_str().unwrap();
+    assert_eq!(
+        call(
+            &chain,
+            registry,
+            "included(string,uint64,bytes32,bytes32[])(bool)",
+            &["legal", "1", a["content_hash"].as_str().unwrap(), &siblings(&proof)],
+        ),
+        "true"
+    );
+    assert_eq!(
+        call(
+            &chain,
+            registry,
+            "included(string,uint64,bytes32,bytes32[])(bool)",
+            &["legal", "2", a["content_hash"].as_str().unwrap(), &siblings(&proof)],
+        ),
+        "false",
+        "not in epoch 2's root"
+    );
+
+    // Claims: a with `ledgerflow rewards claim --epoch 2`, b from outside with cast.
+    let token = chain.deployed["token"].as_str().unwrap();
+    let rewards = chain.deployed["epoch_rewards"].as_str().unwrap();
+    let balance = |who: &str| call(&chain, token, "balanceOf(address)(uint256)", &[who]);
+    let proof_of = |who: &str| {
+        json(run_ok(
+            ledgerflow()
+                .args(["rewards", "proof", who, "--epoch", "2", "--job"])
+                .arg(&job)
+                .arg("--store")
+                .arg(&store),
+        ))
+    };
+    let claim_a = || {
+        ledgerflow()
+            .args(["rewards", "claim", a["contributor"].as_str().unwrap(), "--epoch", "2"])
+            .arg("--job")
+            .arg(&job)
+            .arg("--store")
+            .arg(&store)
+            .env("LEDGERFLOW_CLAIM_KEY", &claimer)
+            .output()
+            .unwrap()
+    };
+    let a_leaf = proof_of(a["contributor"].as_str().unwrap());
+    let paid = json(claim_a());
+    assert_eq!(paid["paid"], a_leaf["amount"], "{paid}");
+    assert_eq!(balance(a["contributor"].as_str().unwrap()), a_leaf["amount"]);
+    let again = claim_a();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("NothingToClaim"));
+
+    let b_leaf = proof_of(b["contributor"].as_str().unwrap());
+    assert!(b_leaf["amount"].as_str().unwrap().parse::<u128>().unwrap() > 0);
+    run_ok(cast(&chain.modules).args([
+        "send",
+        rewards,
+        "claim(address,uint256,bytes32[])",
+        b["contributor"].as_str().unwrap(),
+        b_leaf["amount"].as_str().unwrap(),
+        &siblings(&b_leaf),
+        "--private-key",
+        &claimer,
+        "--rpc-url",
+        &chain.rpc,
+    ]));
+    assert_eq!(balance(b["contributor"].as_str().unwrap()), b_leaf["amount"]);
+    // a's epoch-1 leaf is in the previous root, which the contract still accepts: the claim
+    // is refused for having nothing left to pay, not for a bad proof.
+    let old = ledgerflow()
+        .args(["rewards", "claim", a["contributor"].as_str().unwrap(), "--epoch", "1"])
+        .arg("--job")
+        .arg(&job)
+        .arg("--store")
+        .arg(&store)
+        .env("LEDGERFLOW_CLAIM_KEY", &claimer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&old.stderr);
+    assert!(!old.status.success() && stderr.contains("NothingToClaim"), "{stderr}");
+}
