@@ -77,55 +77,55 @@ fn setup(label: &str, dir: &Path) -> Option<Chain> {
     })
 }
 
-/// A job of reward epochs only: hourly from 2026-01-01, ten minutes of lateness, 90% to the
-/// data contributors and 10% to a protocol treasury, emission and threshold from the chain.
-fn write_job(dir: &Path, chain: &Chain, name: &str, start: &str) -> PathBuf {
-    let job = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &job,
-        format!(
-            "name: {name}\n\
-             epochs:\n  \
-               start: \"{start}\"\n  \
-               length_seconds: 3600\n  \
-               lateness_seconds: 600\n  \
-               shares: {{ data: 9000, protocol: 1000 }}\n  \
-               protocol: \"0x000000000000000000000000000000000000dEaD\"\n  \
-               poll_seconds: 0.2\n  \
-               chain:\n    \
-                 rpc: {}\n    \
-                 deployment: {}\n  \
-               da:\n    \
-                 url: {}\n",
-            chain.rpc,
-            chain.deployment.display(),
-            chain.da_url
-        ),
-    )
-    .unwrap();
-    run_ok(ledgerflow().arg("validate").arg(&job));
-    job
+/// `jobs/rewards.yaml` pointed at a deployment, its DA server and a store, epoch 1 starting at
+/// `start`.
+struct Job {
+    env: Vec<(&'static str, String)>,
 }
 
-fn epoch_run(chain: &Chain, job: &Path, store: &Path) -> Command {
-    let mut cmd = ledgerflow();
-    cmd.args(["epoch", "run", "--once", "--job"])
-        .arg(job)
-        .arg("--store")
-        .arg(store)
-        .env("LEDGERFLOW_SETTLER_KEY", &chain.settler)
-        .env_remove("LEDGERFLOW_EPOCH_CRASH");
+impl Job {
+    fn new(chain: &Chain, store: &Path, start: &str) -> Job {
+        let job = Job {
+            env: vec![
+                ("EPOCH_START", start.to_owned()),
+                ("LEDGERFLOW_RPC", chain.rpc.clone()),
+                ("LEDGERFLOW_DEPLOYMENT", chain.deployment.display().to_string()),
+                ("LEDGERFLOW_DA_URL", chain.da_url.clone()),
+                ("LEDGERFLOW_STORE", store.display().to_string()),
+            ],
+        };
+        run_ok(&mut job.command(&["validate", "jobs/rewards.yaml"]));
+        job
+    }
+
+    /// `ledgerflow ARGS` with the job's environment (and `--job jobs/rewards.yaml` appended
+    /// when `with_job`).
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = ledgerflow();
+        cmd.current_dir(repo_root())
+            .args(args)
+            .env_remove("LEDGERFLOW_EPOCH_CRASH");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn with_job(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command(args);
+        cmd.args(["--job", "jobs/rewards.yaml"]);
+        cmd
+    }
+}
+
+fn epoch_run(chain: &Chain, job: &Job) -> Command {
+    let mut cmd = job.with_job(&["epoch", "run", "--once"]);
+    cmd.env("LEDGERFLOW_SETTLER_KEY", &chain.settler);
     cmd
 }
 
-fn status(job: &Path, store: &Path, n: u64) -> Value {
-    json(run_ok(
-        ledgerflow()
-            .args(["epoch", "status", &n.to_string(), "--job"])
-            .arg(job)
-            .arg("--store")
-            .arg(store),
-    ))
+fn status(job: &Job, n: u64) -> Value {
+    json(run_ok(&mut job.with_job(&["epoch", "status", &n.to_string()])))
 }
 
 fn call(chain: &Chain, to: &str, sig: &str, args: &[&str]) -> String {
@@ -205,7 +205,7 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
     };
     let store = dir.path().join("store");
     epoch_store(&store);
-    let job = write_job(dir.path(), &chain, "rewards", "2026-01-01T00:00:00Z");
+    let job = Job::new(&chain, &store, "2026-01-01T00:00:00Z");
     let points = [
         "computing",
         "computed",
@@ -218,7 +218,7 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
     ];
     for epoch in [1, 2] {
         for point in points {
-            let out = epoch_run(&chain, &job, &store)
+            let out = epoch_run(&chain, &job)
                 .env("LEDGERFLOW_EPOCH_CRASH", format!("{point}@{epoch}"))
                 .output()
                 .unwrap();
@@ -230,7 +230,7 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
             );
         }
     }
-    let out = run_ok(&mut epoch_run(&chain, &job, &store));
+    let out = run_ok(&mut epoch_run(&chain, &job));
     let settled: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -245,7 +245,7 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
         "the last run settles what is left"
     );
     // Nothing left: a further run does nothing.
-    assert!(run_ok(&mut epoch_run(&chain, &job, &store))
+    assert!(run_ok(&mut epoch_run(&chain, &job))
         .stdout
         .is_empty());
 
@@ -263,20 +263,11 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
     let reference_chain = setup("epochs-reference", dir.path()).unwrap();
     let reference_store = dir.path().join("reference-store");
     epoch_store(&reference_store);
-    let reference_job = write_job(
-        dir.path(),
-        &reference_chain,
-        "rewards",
-        "2026-01-01T00:00:00Z",
-    );
-    run_ok(&mut epoch_run(
-        &reference_chain,
-        &reference_job,
-        &reference_store,
-    ));
+    let reference_job = Job::new(&reference_chain, &reference_store, "2026-01-01T00:00:00Z");
+    run_ok(&mut epoch_run(&reference_chain, &reference_job));
     for (n, root, data_hash, commitment_hash) in &events {
-        let j = status(&job, &store, *n);
-        let r = status(&reference_job, &reference_store, *n);
+        let j = status(&job, *n);
+        let r = status(&reference_job, *n);
         assert_eq!(j["state"], "settled");
         assert_eq!(j["computed"]["root"], r["computed"]["root"], "epoch {n}");
         assert_eq!(
@@ -324,7 +315,7 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
             .unwrap()
             .starts_with("0x"));
     }
-    let total = status(&job, &store, 3)["computed"]["total_cumulative"]
+    let total = status(&job, 3)["computed"]["total_cumulative"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -408,45 +399,36 @@ fn contributions_to_two_settled_epochs_and_claims() {
     attribute(&store, &content(c), "out-3", &at(70));
     attribute(&store, &content(c), "out-4", &at(131));
 
-    let job = write_job(
-        dir.path(),
+    let job = Job::new(
         &chain,
-        "rewards",
+        &store,
         &chrono::DateTime::from_timestamp_millis(start)
             .unwrap()
             .to_rfc3339(),
     );
-    let out = run_ok(&mut epoch_run(&chain, &job, &store));
+    let out = run_ok(&mut epoch_run(&chain, &job));
     let settled: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(settled.len(), 2, "{settled:?}");
-    let listed = text(run_ok(
-        ledgerflow()
-            .args(["epoch", "list", "--job"])
-            .arg(&job)
-            .arg("--store")
-            .arg(&store),
-    ));
+    let listed = text(run_ok(&mut job.with_job(&["epoch", "list"])));
     assert_eq!(listed.matches("settled").count(), 2, "{listed}");
     assert!(listed.contains(" open "), "{listed}");
 
     // Epoch 1 anchored the Datanet's contributions; a's inclusion proof holds on chain.
-    let one = status(&job, &store, 1);
+    let one = status(&job, 1);
     assert_eq!(one["computed"]["datanets"][0]["datanet"], "legal", "{one}");
     assert_eq!(
         one["computed"]["datanets"][0]["contributions"],
         sql_rows(&store, "SELECT count(*) AS n FROM legal")[0]["n"]
     );
-    let proof = json(run_ok(
-        ledgerflow()
-            .args(["datanet", "proof", a["content_hash"].as_str().unwrap(), "--job"])
-            .arg(&job)
-            .arg("--store")
-            .arg(&store),
-    ));
+    let proof = json(run_ok(&mut job.with_job(&[
+        "datanet",
+        "proof",
+        a["content_hash"].as_str().unwrap(),
+    ])));
     assert_eq!(proof["epoch"], 1);
     assert_eq!(proof["anchored"], true);
     let siblings = |p: &Value| {
@@ -487,25 +469,15 @@ fn contributions_to_two_settled_epochs_and_claims() {
     let rewards = chain.deployed["epoch_rewards"].as_str().unwrap();
     let balance = |who: &str| call(&chain, token, "balanceOf(address)(uint256)", &[who]);
     let proof_of = |who: &str| {
-        json(run_ok(
-            ledgerflow()
-                .args(["rewards", "proof", who, "--epoch", "2", "--job"])
-                .arg(&job)
-                .arg("--store")
-                .arg(&store),
-        ))
+        json(run_ok(&mut job.with_job(&["rewards", "proof", who, "--epoch", "2"])))
     };
-    let claim_a = || {
-        ledgerflow()
-            .args(["rewards", "claim", a["contributor"].as_str().unwrap(), "--epoch", "2"])
-            .arg("--job")
-            .arg(&job)
-            .arg("--store")
-            .arg(&store)
+    let claim = |who: &str, epoch: &str| {
+        job.with_job(&["rewards", "claim", who, "--epoch", epoch])
             .env("LEDGERFLOW_CLAIM_KEY", &claimer)
             .output()
             .unwrap()
     };
+    let claim_a = || claim(a["contributor"].as_str().unwrap(), "2");
     let a_leaf = proof_of(a["contributor"].as_str().unwrap());
     let paid = json(claim_a());
     assert_eq!(paid["paid"], a_leaf["amount"], "{paid}");
@@ -531,15 +503,7 @@ fn contributions_to_two_settled_epochs_and_claims() {
     assert_eq!(balance(b["contributor"].as_str().unwrap()), b_leaf["amount"]);
     // a's epoch-1 leaf is in the previous root, which the contract still accepts: the claim
     // is refused for having nothing left to pay, not for a bad proof.
-    let old = ledgerflow()
-        .args(["rewards", "claim", a["contributor"].as_str().unwrap(), "--epoch", "1"])
-        .arg("--job")
-        .arg(&job)
-        .arg("--store")
-        .arg(&store)
-        .env("LEDGERFLOW_CLAIM_KEY", &claimer)
-        .output()
-        .unwrap();
+    let old = claim(a["contributor"].as_str().unwrap(), "1");
     let stderr = String::from_utf8_lossy(&old.stderr);
     assert!(!old.status.success() && stderr.contains("NothingToClaim"), "{stderr}");
 }

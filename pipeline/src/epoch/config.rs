@@ -243,7 +243,11 @@ impl EpochConfig {
                     }
                 }
                 None if share > 0 => out.push((
-                    key,
+                    if key == "model_owner" {
+                        "shares.model_owner"
+                    } else {
+                        "shares.protocol"
+                    },
                     format!(
                         "shares.{key} is {share} basis points but no `{key}` address receives it"
                     ),
@@ -286,9 +290,9 @@ impl EpochConfig {
             && self.chain.params_block.parse::<u64>().is_err()
         {
             out.push((
-                "chain",
+                "chain.params_block",
                 format!(
-                    "params_block {:?} is not finalized, safe, latest or a block number",
+                    "{:?} is not finalized, safe, latest or a block number",
                     self.chain.params_block
                 ),
             ));

@@ -182,6 +182,9 @@ pub struct Journal {
     pub total_gas_used: u64,
     #[serde(default)]
     pub total_l1_fee: String,
+    /// Seconds each step took (`compute`, `publish`, `settle`), in the run that did it.
+    #[serde(default)]
+    pub seconds: BTreeMap<String, f64>,
 }
 
 /// The epochs of a job in a store.
@@ -603,11 +606,14 @@ impl Settler {
                     settlement: None,
                     total_gas_used: 0,
                     total_l1_fee: "0".into(),
+                    seconds: BTreeMap::new(),
                 }
             }
         };
         if j.state == State::Closed {
+            let t = std::time::Instant::now();
             let computed = self.compute(n).await?;
+            j.seconds.insert("compute".into(), t.elapsed().as_secs_f64());
             crash_point("computing", n);
             tracing::info!(epoch = n, root = %computed.root, pool = %computed.pool, "epoch computed");
             j.computed = Some(computed);
@@ -616,13 +622,17 @@ impl Settler {
             crash_point("computed", n);
         }
         if j.state == State::Computed {
+            let t = std::time::Instant::now();
             j.published = Some(self.publish(n).await?);
+            j.seconds.insert("publish".into(), t.elapsed().as_secs_f64());
             j.state = State::Published;
             self.epochs.save(&j).await?;
             crash_point("published", n);
         }
         if matches!(j.state, State::Published | State::Submitted) {
+            let t = std::time::Instant::now();
             self.submit(&mut j).await?;
+            j.seconds.insert("settle".into(), t.elapsed().as_secs_f64());
             crash_point("confirmed", n);
             j.state = State::Settled;
             self.epochs.save(&j).await?;

@@ -542,8 +542,16 @@ pub fn parse(
         }
         if let Some(ep) = &h.epochs {
             for (key, message) in ep.problems() {
+                // The deepest node of `epochs.<key>` that the file has.
+                let mut node = map.get_node("epochs");
+                for seg in key.split('.') {
+                    match node.and_then(|n| n.as_mapping()).and_then(|m| m.get_node(seg)) {
+                        Some(n) => node = Some(n),
+                        None => break,
+                    }
+                }
                 diags.push(diag(
-                    nested("epochs", key),
+                    node.map(Pos::of).unwrap_or_default(),
                     &format!("epochs.{key}"),
                     message,
                     None,
