@@ -14,7 +14,6 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use serde_json::Value;
 
 fn write_leaves(path: &Path, leaves: &[(&str, u128)]) {
     let mut csv = String::from("address,amount\n");

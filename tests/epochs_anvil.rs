@@ -89,7 +89,10 @@ impl Job {
             env: vec![
                 ("EPOCH_START", start.to_owned()),
                 ("LEDGERFLOW_RPC", chain.rpc.clone()),
-                ("LEDGERFLOW_DEPLOYMENT", chain.deployment.display().to_string()),
+                (
+                    "LEDGERFLOW_DEPLOYMENT",
+                    chain.deployment.display().to_string(),
+                ),
                 ("LEDGERFLOW_DA_URL", chain.da_url.clone()),
                 ("LEDGERFLOW_STORE", store.display().to_string()),
             ],
@@ -125,7 +128,11 @@ fn epoch_run(chain: &Chain, job: &Job) -> Command {
 }
 
 fn status(job: &Job, n: u64) -> Value {
-    json(run_ok(&mut job.with_job(&["epoch", "status", &n.to_string()])))
+    json(run_ok(&mut job.with_job(&[
+        "epoch",
+        "status",
+        &n.to_string(),
+    ])))
 }
 
 fn call(chain: &Chain, to: &str, sig: &str, args: &[&str]) -> String {
@@ -245,9 +252,7 @@ fn killed_at_every_step_each_epoch_settles_exactly_once() {
         "the last run settles what is left"
     );
     // Nothing left: a further run does nothing.
-    assert!(run_ok(&mut epoch_run(&chain, &job))
-        .stdout
-        .is_empty());
+    assert!(run_ok(&mut epoch_run(&chain, &job)).stdout.is_empty());
 
     // Exactly one Settled event per epoch, matching each journal.
     let events = settled_events(&chain);
@@ -369,7 +374,15 @@ fn contributions_to_two_settled_epochs_and_claims() {
     );
     run_ok(
         ledgerflow()
-            .args(["index", "build", "--datanet", "legal", "--vocab-size", "2000", "--store"])
+            .args([
+                "index",
+                "build",
+                "--datanet",
+                "legal",
+                "--vocab-size",
+                "2000",
+                "--store",
+            ])
             .arg(&store),
     );
     // Epoch 1 starts ten minutes before the contributions arrived.
@@ -394,7 +407,10 @@ fn contributions_to_two_settled_epochs_and_claims() {
     // Epoch 1: an output drawn from a's text; epoch 2: from b's and from c's; an output in
     // epoch 3 is the event time that closes epoch 2.
     let credited = attribute(&store, &content(a), "out-1", &at(5));
-    assert_eq!(credited["contributions"][0]["contributor"], a["contributor"]);
+    assert_eq!(
+        credited["contributions"][0]["contributor"],
+        a["contributor"]
+    );
     attribute(&store, &content(b), "out-2", &at(65));
     attribute(&store, &content(c), "out-3", &at(70));
     attribute(&store, &content(c), "out-4", &at(131));
@@ -449,7 +465,12 @@ fn contributions_to_two_settled_epochs_and_claims() {
             &chain,
             registry,
             "included(string,uint64,bytes32,bytes32[])(bool)",
-            &["legal", "1", a["content_hash"].as_str().unwrap(), &siblings(&proof)],
+            &[
+                "legal",
+                "1",
+                a["content_hash"].as_str().unwrap(),
+                &siblings(&proof)
+            ],
         ),
         "true"
     );
@@ -458,7 +479,12 @@ fn contributions_to_two_settled_epochs_and_claims() {
             &chain,
             registry,
             "included(string,uint64,bytes32,bytes32[])(bool)",
-            &["legal", "2", a["content_hash"].as_str().unwrap(), &siblings(&proof)],
+            &[
+                "legal",
+                "2",
+                a["content_hash"].as_str().unwrap(),
+                &siblings(&proof)
+            ],
         ),
         "false",
         "not in epoch 2's root"
@@ -469,7 +495,9 @@ fn contributions_to_two_settled_epochs_and_claims() {
     let rewards = chain.deployed["epoch_rewards"].as_str().unwrap();
     let balance = |who: &str| call(&chain, token, "balanceOf(address)(uint256)", &[who]);
     let proof_of = |who: &str| {
-        json(run_ok(&mut job.with_job(&["rewards", "proof", who, "--epoch", "2"])))
+        json(run_ok(
+            &mut job.with_job(&["rewards", "proof", who, "--epoch", "2"]),
+        ))
     };
     let claim = |who: &str, epoch: &str| {
         job.with_job(&["rewards", "claim", who, "--epoch", epoch])
@@ -481,7 +509,10 @@ fn contributions_to_two_settled_epochs_and_claims() {
     let a_leaf = proof_of(a["contributor"].as_str().unwrap());
     let paid = json(claim_a());
     assert_eq!(paid["paid"], a_leaf["amount"], "{paid}");
-    assert_eq!(balance(a["contributor"].as_str().unwrap()), a_leaf["amount"]);
+    assert_eq!(
+        balance(a["contributor"].as_str().unwrap()),
+        a_leaf["amount"]
+    );
     let again = claim_a();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("NothingToClaim"));
@@ -500,10 +531,16 @@ fn contributions_to_two_settled_epochs_and_claims() {
         "--rpc-url",
         &chain.rpc,
     ]));
-    assert_eq!(balance(b["contributor"].as_str().unwrap()), b_leaf["amount"]);
+    assert_eq!(
+        balance(b["contributor"].as_str().unwrap()),
+        b_leaf["amount"]
+    );
     // a's epoch-1 leaf is in the previous root, which the contract still accepts: the claim
     // is refused for having nothing left to pay, not for a bad proof.
     let old = claim(a["contributor"].as_str().unwrap(), "1");
     let stderr = String::from_utf8_lossy(&old.stderr);
-    assert!(!old.status.success() && stderr.contains("NothingToClaim"), "{stderr}");
+    assert!(
+        !old.status.success() && stderr.contains("NothingToClaim"),
+        "{stderr}"
+    );
 }

@@ -586,7 +586,8 @@ mod tests {
 #[derive(Debug, Clone)]
 pub struct AttributionGen {
     pub datanet: String,
-    /// Distinct contributors: synthetic addresses derived from the seed (no keys behind them).
+    /// Distinct contributors: synthetic addresses 0…n−1 (no keys behind them; the same in
+    /// every run, so runs with other seeds credit the same contributors).
     pub contributors: u64,
     pub outputs: u64,
     /// Contributions credited per output (scores summing to 1).
@@ -597,11 +598,10 @@ pub struct AttributionGen {
     pub seed: u64,
 }
 
-/// The synthetic address of contributor `i` of `seed` (keccak of both; no key behind it).
-pub fn synthetic_address(seed: u64, i: u64) -> [u8; 20] {
-    let mut buf = [0u8; 16];
-    buf[..8].copy_from_slice(&seed.to_be_bytes());
-    buf[8..].copy_from_slice(&i.to_be_bytes());
+/// The synthetic address of contributor `i` (the last 20 bytes of a keccak; no key behind it).
+pub fn synthetic_address(i: u64) -> [u8; 20] {
+    let mut buf = b"ledgerflow synthetic contributor ".to_vec();
+    buf.extend_from_slice(&i.to_be_bytes());
     let h = ledgerflow_schemas::contribution::keccak256(&buf);
     h[12..].try_into().expect("20 bytes")
 }
@@ -650,7 +650,7 @@ pub async fn write_attributions(
                 format!("{}-{row}", opts.seed).as_bytes(),
             );
             hashes.push(hex0x::encode(&h));
-            who.push(hex0x::encode(&synthetic_address(opts.seed, c)));
+            who.push(hex0x::encode(&synthetic_address(c)));
             scores.push(w / sum);
             at.push(created);
         }

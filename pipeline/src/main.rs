@@ -577,7 +577,7 @@ enum GenCommand {
     },
     /// Synthetic `attributions` rows (model outputs crediting contributors with scores summing
     /// to 1) written to a store, for reward-epoch runs and benchmarks. Contributors are
-    /// synthetic addresses derived from the seed.
+    /// synthetic addresses (the same for every seed; no keys behind them).
     Attributions {
         #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
         store: String,

@@ -237,11 +237,10 @@ impl EpochConfig {
             ("protocol", &self.protocol, s.protocol),
         ] {
             match addr {
-                Some(a) => {
-                    if ledgerflow_rewards::merkle::parse_address(a).is_err() {
-                        out.push((key, format!("{a:?} is not a 0x-prefixed 20-byte address")));
-                    }
+                Some(a) if ledgerflow_rewards::merkle::parse_address(a).is_err() => {
+                    out.push((key, format!("{a:?} is not a 0x-prefixed 20-byte address")));
                 }
+                Some(_) => {}
                 None if share > 0 => out.push((
                     if key == "model_owner" {
                         "shares.model_owner"
@@ -297,7 +296,7 @@ impl EpochConfig {
                 ),
             ));
         }
-        if !(self.poll_seconds > 0.0) {
+        if self.poll_seconds.is_nan() || self.poll_seconds <= 0.0 {
             out.push(("poll_seconds", "must be more than 0".into()));
         }
         out

@@ -613,7 +613,8 @@ impl Settler {
         if j.state == State::Closed {
             let t = std::time::Instant::now();
             let computed = self.compute(n).await?;
-            j.seconds.insert("compute".into(), t.elapsed().as_secs_f64());
+            j.seconds
+                .insert("compute".into(), t.elapsed().as_secs_f64());
             crash_point("computing", n);
             tracing::info!(epoch = n, root = %computed.root, pool = %computed.pool, "epoch computed");
             j.computed = Some(computed);
@@ -624,7 +625,8 @@ impl Settler {
         if j.state == State::Computed {
             let t = std::time::Instant::now();
             j.published = Some(self.publish(n).await?);
-            j.seconds.insert("publish".into(), t.elapsed().as_secs_f64());
+            j.seconds
+                .insert("publish".into(), t.elapsed().as_secs_f64());
             j.state = State::Published;
             self.epochs.save(&j).await?;
             crash_point("published", n);

@@ -545,7 +545,10 @@ pub fn parse(
                 // The deepest node of `epochs.<key>` that the file has.
                 let mut node = map.get_node("epochs");
                 for seg in key.split('.') {
-                    match node.and_then(|n| n.as_mapping()).and_then(|m| m.get_node(seg)) {
+                    match node
+                        .and_then(|n| n.as_mapping())
+                        .and_then(|m| m.get_node(seg))
+                    {
                         Some(n) => node = Some(n),
                         None => break,
                     }
