@@ -6,7 +6,8 @@
 //!   roots and cumulative amounts as a run that never crashed, and every epoch's data readable
 //!   from DA under the commitment `settle` recorded;
 //! - contributions → Datanet → index → attributions of model outputs in two epochs → both
-//!   settled with the Datanet's content roots anchored → contributors claim with `ledgerflow
+//!   settled (the settler key in a keystore `cast wallet import` wrote) with the Datanet's
+//!   content roots anchored → contributors claim with `ledgerflow
 //!   rewards claim --epoch` and with `cast` from outside; balances equal the cumulative
 //!   rewards, a second claim pays nothing, and `ledgerflow datanet proof` passes
 //!   `DatanetRegistry.included` on chain.
@@ -422,7 +423,31 @@ fn contributions_to_two_settled_epochs_and_claims() {
             .unwrap()
             .to_rfc3339(),
     );
-    let out = run_ok(&mut epoch_run(&chain, &job));
+    // The settler signs from an encrypted keystore that cast (outside) wrote.
+    let keystores = dir.path().join("keystores");
+    std::fs::create_dir_all(&keystores).unwrap();
+    run_ok(
+        cast(&chain.modules)
+            .args([
+                "wallet",
+                "import",
+                "settler",
+                "--private-key",
+                &chain.settler,
+                "--unsafe-password",
+                "TEST password",
+                "-k",
+            ])
+            .arg(&keystores),
+    );
+    let password = dir.path().join("password");
+    std::fs::write(&password, "TEST password\n").unwrap();
+    let out = run_ok(
+        epoch_run(&chain, &job)
+            .env_remove("LEDGERFLOW_SETTLER_KEY")
+            .env("LEDGERFLOW_SETTLER_KEYSTORE", keystores.join("settler"))
+            .env("LEDGERFLOW_SETTLER_KEYSTORE_PASSWORD_FILE", &password),
+    );
     let settled: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()

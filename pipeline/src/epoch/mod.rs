@@ -463,7 +463,8 @@ async fn inference_fees(store: &Store, window: (i64, i64)) -> Result<u128> {
     let batches = ctx.sql(&sql).await?.collect().await?;
     let mut total: u128 = 0;
     for b in &batches {
-        let col = b.column(0).as_string::<i32>();
+        let col = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+        let col = col.as_string::<i32>();
         for i in 0..col.len() {
             let v: u128 = col
                 .value(i)
@@ -777,7 +778,8 @@ impl Settler {
             );
             let mut hashes = Vec::new();
             for b in ctx.sql(&sql).await?.collect().await? {
-                let col = b.column(0).as_string::<i32>();
+                let col = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+                let col = col.as_string::<i32>();
                 for i in 0..col.len() {
                     hashes.push(parse_hash(col.value(i))?);
                 }
@@ -1109,6 +1111,132 @@ mod tests {
         assert_eq!(integer_weights(&[0.0, 0.0]), vec![0, 0]);
         let w = integer_weights(&[1.0, 0.5, 0.0]);
         assert_eq!(w, vec![1 << 53, 1 << 52, 0]);
+    }
+
+    use arrow_array::{
+        ArrayRef, Decimal128Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+        TimestampMillisecondArray, UInt32Array, UInt64Array,
+    };
+    use ledgerflow_schemas::tables;
+
+    const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    const HOUR: i64 = 3_600_000;
+
+    fn ts(v: Vec<i64>) -> ArrayRef {
+        Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
+    }
+    fn strs(v: &[&str]) -> ArrayRef {
+        Arc::new(StringArray::from(v.to_vec()))
+    }
+    fn addr(i: u8) -> String {
+        format!("0x{}", hex::encode([i; 20]))
+    }
+
+    async fn put(store: &Store, table: &str, batch: RecordBatch, time: &'static str) {
+        crate::tokens::put_table_file(store, table, &batch, time, &format!("{table}.parquet"))
+            .await
+            .unwrap();
+    }
+
+    /// The default policy: the threshold drops small scores, scores sum per contributor over
+    /// the window only, reputation (0.5 for an address without decisions) multiplies, and
+    /// each penalty point of the epoch takes `penalty_per_point` of the weight.
+    #[tokio::test]
+    async fn default_policy_weighs_scores_reputation_and_penalties() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let (a, b, c) = (addr(1), addr(2), addr(3));
+        let batch = RecordBatch::try_new(
+            tables::attribution_schema(),
+            vec![
+                strs(&["o1", "o1", "o1", "o2", "o3"]),
+                strs(&["legal"; 5]),
+                strs(&["0x01", "0x02", "0x03", "0x01", "0x02"]),
+                strs(&[&a, &b, &c, &a, &b]),
+                strs(&["span"; 5]),
+                Arc::new(Float64Array::from(vec![0.6, 0.395, 0.005, 1.0, 1.0])),
+                // o3 is in the next epoch.
+                ts(vec![T0 + 1, T0 + 1, T0 + 1, T0 + 2, T0 + HOUR]),
+            ],
+        )
+        .unwrap();
+        put(&store, tables::ATTRIBUTIONS_TABLE, batch, "created_at").await;
+        let penalties = RecordBatch::try_new(
+            tables::penalty_schema(),
+            vec![
+                Arc::new(UInt64Array::from(vec![0, 0])),
+                strs(&[&b, &b]),
+                strs(&["legal", "legal"]),
+                strs(&["duplicate_exact", "flood"]),
+                Arc::new(UInt32Array::from(vec![1, 3])),
+                strs(&["0x09", "0x0a"]),
+                strs(&["t", "t"]),
+                Arc::new(Int32Array::from(vec![0, 0])),
+                Arc::new(Int64Array::from(vec![1, 2])),
+                // The flood's 3 points fall in the next epoch.
+                ts(vec![T0 + 5, T0 + HOUR + 5]),
+            ],
+        )
+        .unwrap();
+        put(
+            &store,
+            tables::PENALTIES_TABLE,
+            penalties,
+            "kafka_timestamp",
+        )
+        .await;
+        let got = run_policy(&store, DEFAULT_POLICY, 1, (T0, T0 + HOUR), 10_000, 0.1)
+            .await
+            .unwrap();
+        let acct = |s: &str| parse_address(s).unwrap();
+        assert_eq!(
+            got.len(),
+            2,
+            "c's 0.005 is under the 0.01 threshold: {got:?}"
+        );
+        let (sa, wa) = got[&acct(&a)];
+        let (sb, wb) = got[&acct(&b)];
+        assert!(
+            (sa - 1.6).abs() < 1e-12 && (wa - 0.8).abs() < 1e-12,
+            "{sa} {wa}"
+        );
+        assert!((sb - 0.395).abs() < 1e-12, "{sb}");
+        assert!((wb - 0.395 * 0.5 * 0.9).abs() < 1e-12, "{wb}");
+    }
+
+    #[tokio::test]
+    async fn inference_fees_of_the_window_add_up_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!(inference_fees(&store, (T0, T0 + HOUR)).await.unwrap(), 0);
+        let big = 10i128.pow(30);
+        let batch = RecordBatch::try_new(
+            tables::inference_schema(),
+            vec![
+                strs(&["r1", "r2", "r3", "r4"]),
+                strs(&["base"; 4]),
+                strs(&["g1"; 4]),
+                strs(&["legal"; 4]),
+                strs(&["p"; 4]),
+                strs(&["o"; 4]),
+                Arc::new(UInt32Array::from(vec![1; 4])),
+                Arc::new(UInt32Array::from(vec![1; 4])),
+                Arc::new(Float64Array::from(vec![1.0; 4])),
+                Arc::new(Float64Array::from(vec![1.0; 4])),
+                Arc::new(
+                    Decimal128Array::from(vec![Some(big), Some(7), None, Some(5)])
+                        .with_precision_and_scale(38, 0)
+                        .unwrap(),
+                ),
+                ts(vec![T0, T0 + HOUR - 1, T0 + 2, T0 + HOUR]),
+            ],
+        )
+        .unwrap();
+        put(&store, tables::INFERENCES_TABLE, batch, "created_at").await;
+        assert_eq!(
+            inference_fees(&store, (T0, T0 + HOUR)).await.unwrap(),
+            big as u128 + 7
+        );
     }
 
     #[test]
