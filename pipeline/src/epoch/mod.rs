@@ -1204,6 +1204,53 @@ mod tests {
         assert!((wb - 0.395 * 0.5 * 0.9).abs() < 1e-12, "{wb}");
     }
 
+    /// A policy of the user's own: one share per contributor with an output in the window,
+    /// whatever the scores; and the errors of policies that answer the wrong thing.
+    #[tokio::test]
+    async fn a_policy_of_ones_own_and_its_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let (a, b) = (addr(1), addr(2));
+        let batch = RecordBatch::try_new(
+            tables::attribution_schema(),
+            vec![
+                strs(&["o1", "o1", "o2"]),
+                strs(&["legal"; 3]),
+                strs(&["0x01", "0x02", "0x01"]),
+                strs(&[&a, &b, &a]),
+                strs(&["span"; 3]),
+                Arc::new(Float64Array::from(vec![0.9, 0.1, 1.0])),
+                ts(vec![T0 + 1, T0 + 1, T0 + 2]),
+            ],
+        )
+        .unwrap();
+        put(&store, tables::ATTRIBUTIONS_TABLE, batch, "created_at").await;
+        let equal = "SELECT DISTINCT contributor, 1.0 AS weight FROM attributions \
+                     WHERE created_at >= $start AND created_at < $end";
+        let got = run_policy(&store, equal, 1, (T0, T0 + HOUR), 0, 0.1)
+            .await
+            .unwrap();
+        let weights: Vec<f64> = got.values().map(|v| v.1).collect();
+        assert_eq!(weights, vec![1.0, 1.0]);
+        for (sql, expected) in [
+            ("SELECT contributor FROM attributions", "`weight` column"),
+            (
+                "SELECT 'nobody' AS contributor, 1.0 AS weight",
+                "answered contributor",
+            ),
+            (
+                "SELECT contributor, -1.0 AS weight FROM attributions",
+                "finite and ≥ 0",
+            ),
+            ("DROP TABLE attributions", "planning the reward policy"),
+        ] {
+            let e = run_policy(&store, sql, 1, (T0, T0 + HOUR), 0, 0.1)
+                .await
+                .unwrap_err();
+            assert!(format!("{e:#}").contains(expected), "{sql}: {e:#}");
+        }
+    }
+
     #[tokio::test]
     async fn inference_fees_of_the_window_add_up_exactly() {
         let dir = tempfile::tempdir().unwrap();
