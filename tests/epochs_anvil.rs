@@ -5,7 +5,8 @@
 //!   like `kill -9`) and restarted each time settles every epoch exactly once, with the same
 //!   roots and cumulative amounts as a run that never crashed, and every epoch's data readable
 //!   from DA under the commitment `settle` recorded;
-//! - contributions → Datanet → index → attributions of model outputs in two epochs → both
+//! - contributions → Datanet → index → inferences with their attributions and fees in two
+//!   epochs → both
 //!   settled (the settler key in a keystore `cast wallet import` wrote) with the Datanet's
 //!   content roots anchored → contributors claim with `ledgerflow
 //!   rewards claim --epoch` and with `cast` from outside; balances equal the cumulative
@@ -349,12 +350,15 @@ fn sql_rows(store: &Path, query: &str) -> Vec<Value> {
     .clone()
 }
 
-/// `attribute` the text of a contribution as model output `id`, made at `at`.
-fn attribute(store: &Path, text: &str, id: &str, at: &str) -> Value {
+/// `attribute` the text of a contribution as model output `id`, made at `at`, recorded as an
+/// inference that paid `fee`.
+fn attribute(store: &Path, text: &str, id: &str, at: &str, fee: u128) -> Value {
     json(run_ok(
         ledgerflow()
             .args(["attribute", "--datanet", "legal", "--output-id", id])
-            .args(["--created-at", at, "--text", text, "--store"])
+            .args(["--created-at", at, "--text", text])
+            .args(["--model", "base", "--prompt", "Summarise the clause."])
+            .args(["--fee", &fee.to_string(), "--store"])
             .arg(store),
     ))
 }
@@ -407,14 +411,19 @@ fn contributions_to_two_settled_epochs_and_claims() {
     let content = |v: &Value| v["content"].as_str().unwrap().to_owned();
     // Epoch 1: an output drawn from a's text; epoch 2: from b's and from c's; an output in
     // epoch 3 is the event time that closes epoch 2.
-    let credited = attribute(&store, &content(a), "out-1", &at(5));
+    let credited = attribute(&store, &content(a), "out-1", &at(5), 1);
     assert_eq!(
         credited["contributions"][0]["contributor"],
         a["contributor"]
     );
-    attribute(&store, &content(b), "out-2", &at(65));
-    attribute(&store, &content(c), "out-3", &at(70));
-    attribute(&store, &content(c), "out-4", &at(131));
+    assert_eq!(credited["recorded"]["inference"], true);
+    attribute(&store, &content(b), "out-2", &at(65), 20 * 10u128.pow(18));
+    attribute(&store, &content(c), "out-3", &at(70), 30 * 10u128.pow(18));
+    attribute(&store, &content(c), "out-4", &at(131), 1);
+    assert_eq!(
+        sql_rows(&store, "SELECT count(*) AS n FROM inferences")[0]["n"],
+        4
+    );
 
     let job = Job::new(
         &chain,
@@ -454,6 +463,16 @@ fn contributions_to_two_settled_epochs_and_claims() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(settled.len(), 2, "{settled:?}");
+    // Each epoch's pool: the chain's emission (1000 tokens) plus its inferences' fees.
+    let e18 = 10u128.pow(18);
+    assert_eq!(
+        status(&job, 1)["computed"]["pool"],
+        (1000 * e18 + 1).to_string()
+    );
+    assert_eq!(
+        status(&job, 2)["computed"]["pool"],
+        (1050 * e18).to_string()
+    );
     let listed = text(run_ok(&mut job.with_job(&["epoch", "list"])));
     assert_eq!(listed.matches("settled").count(), 2, "{listed}");
     assert!(listed.contains(" open "), "{listed}");

@@ -148,6 +148,17 @@ enum Command {
         /// When the output was made (RFC 3339; default: now): the `created_at` of its rows.
         #[arg(long, requires = "output_id")]
         created_at: Option<String>,
+        /// Also record the output as an inference of this model (a row of `inferences`, request
+        /// id = the output id, the text as its output), e.g. from a model server of your own.
+        #[arg(long, requires = "output_id")]
+        model: Option<String>,
+        /// The inference's prompt.
+        #[arg(long, requires = "model", default_value = "")]
+        prompt: String,
+        /// The fee paid for the inference, in the reward token's base units (part of its
+        /// epoch's pool).
+        #[arg(long, requires = "model")]
+        fee: Option<String>,
     },
     /// The reward contracts on the L2 chain.
     Contracts {
@@ -942,6 +953,9 @@ fn real_main(command: Command) -> Result<i32> {
             max_cnt,
             output_id,
             created_at,
+            model,
+            prompt,
+            fee,
         } => {
             let store = Store::open(&store)?;
             let dir = ledgerflow::tokens::datanet_index_dir(&store, &datanet)?;
@@ -958,10 +972,38 @@ fn real_main(command: Command) -> Result<i32> {
                         .timestamp_millis(),
                     None => chrono::Utc::now().timestamp_millis(),
                 };
-                let rows = io_runtime()?.block_on(ledgerflow::tokens::record_attributions(
+                let rt = io_runtime()?;
+                let rows = rt.block_on(ledgerflow::tokens::record_attributions(
                     &store, &datanet, &id, &result, at,
                 ))?;
                 result["recorded"] = serde_json::json!({ "output_id": id, "rows": rows });
+                if let Some(model) = model {
+                    let fee = fee
+                        .map(|f| {
+                            f.parse::<u128>()
+                                .ok()
+                                .filter(|v| *v < 10u128.pow(38))
+                                .with_context(|| {
+                                    format!(
+                                        "--fee {f:?} is not an amount in base units below 10^38"
+                                    )
+                                })
+                        })
+                        .transpose()?;
+                    let inference = ledgerflow::tokens::Inference {
+                        request_id: &id,
+                        model: &model,
+                        datanet: &datanet,
+                        prompt: &prompt,
+                        output: &text,
+                        prompt_tokens: 0,
+                        completion_tokens: result["tokens"].as_u64().unwrap_or(0) as u32,
+                        fee,
+                        created_at_ms: at,
+                    };
+                    rt.block_on(ledgerflow::tokens::record_inference(&store, &inference))?;
+                    result["recorded"]["inference"] = serde_json::json!(true);
+                }
             }
             println!("{result}");
             Ok(0)

@@ -853,6 +853,63 @@ pub async fn record_attributions(
     Ok(n)
 }
 
+/// One answered request, as `record_inference` writes it to `inferences`.
+pub struct Inference<'a> {
+    pub request_id: &'a str,
+    pub model: &'a str,
+    pub datanet: &'a str,
+    pub prompt: &'a str,
+    pub output: &'a str,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Fee in the reward token's base units (< 10^38).
+    pub fee: Option<u128>,
+    pub created_at_ms: i64,
+}
+
+/// Writes one row of `inferences` (the file named by the request id, so recording it again
+/// replaces it).
+pub async fn record_inference(store: &ledgerflow_store::Store, i: &Inference<'_>) -> Result<()> {
+    use arrow_array::{
+        ArrayRef, Decimal128Array, Float64Array, RecordBatch, StringArray,
+        TimestampMillisecondArray, UInt32Array,
+    };
+    use ledgerflow_schemas::tables::{inference_schema, INFERENCES_TABLE};
+    use std::sync::Arc;
+    if i.request_id.is_empty() {
+        bail!("an inference needs a request id");
+    }
+    let s = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v])) };
+    let columns: Vec<ArrayRef> = vec![
+        s(i.request_id),
+        s(i.model),
+        Arc::new(StringArray::from(vec![None::<&str>])),
+        s(i.datanet),
+        s(i.prompt),
+        s(i.output),
+        Arc::new(UInt32Array::from(vec![i.prompt_tokens])),
+        Arc::new(UInt32Array::from(vec![i.completion_tokens])),
+        Arc::new(Float64Array::from(vec![None::<f64>])),
+        Arc::new(Float64Array::from(vec![None::<f64>])),
+        Arc::new(
+            Decimal128Array::from(vec![i.fee.map(|f| f as i128)])
+                .with_precision_and_scale(38, 0)?,
+        ),
+        Arc::new(TimestampMillisecondArray::from(vec![i.created_at_ms]).with_timezone("UTC")),
+    ];
+    let batch = RecordBatch::try_new(inference_schema(), columns)?;
+    let id =
+        hex::encode(&ledgerflow_schemas::contribution::keccak256(i.request_id.as_bytes())[..12]);
+    put_table_file(
+        store,
+        INFERENCES_TABLE,
+        &batch,
+        "created_at",
+        &format!("inference-{id}.parquet"),
+    )
+    .await
+}
+
 /// `ledgerflow index doc`: the document of a Datanet index holding the contribution
 /// `content_hash` (looked up in `documents.fst`), decoded.
 pub fn document_by_hash(dir: &Path, content_hash: &str) -> Result<Value> {
