@@ -6,12 +6,11 @@
 //!   roots and cumulative amounts as a run that never crashed, and every epoch's data readable
 //!   from DA under the commitment `settle` recorded;
 //! - contributions → Datanet → index → inferences with their attributions and fees in two
-//!   epochs → both
-//!   settled (the settler key in a keystore `cast wallet import` wrote) with the Datanet's
-//!   content roots anchored → contributors claim with `ledgerflow
-//!   rewards claim --epoch` and with `cast` from outside; balances equal the cumulative
-//!   rewards, a second claim pays nothing, and `ledgerflow datanet proof` passes
-//!   `DatanetRegistry.included` on chain.
+//!   epochs → both settled (the settler key in a keystore that `cast wallet import` wrote), the
+//!   Datanet's content roots anchored → contributors claim with `ledgerflow rewards claim
+//!   --epoch` and with `cast` from outside; balances equal the cumulative rewards, a second
+//!   claim pays nothing, each pool is the emission plus the epoch's fees, and `ledgerflow
+//!   datanet proof` passes `DatanetRegistry.included` on chain.
 //!
 //! Keys are TEST wallets derived from fixed labels and funded with `anvil_setBalance`.
 
