@@ -14,8 +14,14 @@ mkdir -p "$tools"
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
+# The engine's build leaves out the crates whose dependencies would change the feature choices
+# of shared crates (and so rebuild DataFusion): polars, and candle in ledgerflow-models. Each is
+# built and tested on its own below.
+engine=(--workspace --exclude ledgerflow-polars --exclude ledgerflow-models)
+
 if [[ "${1:-}" == "--quick" ]]; then
-  cargo test --workspace --exclude ledgerflow-polars --lib --bins
+  cargo test "${engine[@]}" --lib --bins
+  cargo test -p ledgerflow-models
   exit 0
 fi
 
@@ -57,7 +63,7 @@ log "format"
 cargo fmt --all -- --check
 
 log "build"
-cargo build --workspace --exclude ledgerflow-polars --all-targets
+cargo build "${engine[@]}" --all-targets
 
 log "services"
 work=$(mktemp -d)
@@ -102,16 +108,19 @@ export LEDGERFLOW_REQUIRE_SERVICES=1
 
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --exclude ledgerflow-polars --no-fail-fast --test-threads 2 || { tail -50 "$work/tansu.log" >&2; exit 1; }
-  cargo test --workspace --exclude ledgerflow-polars --doc
+  cargo nextest run "${engine[@]}" --no-fail-fast --test-threads 2 || { tail -50 "$work/tansu.log" >&2; exit 1; }
+  cargo test "${engine[@]}" --doc
 else
-  cargo test --workspace --exclude ledgerflow-polars --no-fail-fast -- --test-threads 2 || { tail -50 "$work/tansu.log" >&2; exit 1; }
+  cargo test "${engine[@]}" --no-fail-fast -- --test-threads 2 || { tail -50 "$work/tansu.log" >&2; exit 1; }
 fi
 
 log "contracts: forge tests, offline (solc from npm behind contracts/solc.sh; proofs from ledgerflow via ffi)"
 ln -sfn "$LEDGERFLOW_CHAIN_MODULES" contracts/node_modules
 (cd contracts && LEDGERFLOW_BIN=$CARGO_TARGET_DIR/debug/ledgerflow LEDGERFLOW_FORGE_TMP=$work \
   "$LEDGERFLOW_CHAIN_MODULES/@foundry-rs/forge-linux-amd64/bin/forge" test --use ./solc.sh --offline)
+
+log "models (candle, CPU): training from scratch, its own build"
+cargo test -p ledgerflow-models -- --test-threads 2
 
 log "the polars feature (off by default; a long build the first time)"
 # Its own build: polars' feature choices for shared crates stay out of the engine's build.

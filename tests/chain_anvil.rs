@@ -8,11 +8,14 @@
 //! The keys are TEST wallets, derived here from fixed labels (never use them elsewhere), and
 //! funded with `anvil_setBalance`.
 
+#[path = "common/chain.rs"]
+mod chain;
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 
+use chain::*;
 use common::*;
 
 fn write_leaves(path: &Path, leaves: &[(&str, u128)]) {

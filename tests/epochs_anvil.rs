@@ -14,12 +14,15 @@
 //!
 //! Keys are TEST wallets derived from fixed labels and funded with `anvil_setBalance`.
 
+#[path = "common/chain.rs"]
+mod chain;
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use chain::*;
 use common::*;
 use serde_json::Value;
 
