@@ -164,11 +164,11 @@ fn memory_budget_checkpoints_the_largest_partitions() {
             .env("MIN_WORDS", "5")
             .env("MIN_SENTENCES", "1")
             .env("CHECKPOINT_INTERVAL_SECONDS", "600")
-            .env("CHECKPOINT_MAX_TOTAL_BYTES", "1000000"),
+            .env("CHECKPOINT_MAX_TOTAL_BYTES", "250000"),
     );
     broker.kill().unwrap();
     broker.wait().unwrap();
-    // ~5.6 MB of records against a 1 MB budget: the 8 partitions cannot wait for the final
+    // ~5.6 MB of records against a 250 kB budget: the 8 partitions cannot wait for the final
     // checkpoint alone.
     let stderr = String::from_utf8_lossy(&out.stderr);
     let done = stderr
