@@ -108,6 +108,14 @@ pub async fn session_with_partitions(
     store: &Store,
     partitions: usize,
 ) -> Result<SessionContext, SqlError> {
+    Ok(session_and_tables(store, partitions).await?.0)
+}
+
+/// [`session_with_partitions`], and the tables it found in the store (one listing for both).
+pub async fn session_and_tables(
+    store: &Store,
+    partitions: usize,
+) -> Result<(SessionContext, Vec<TableInfo>), SqlError> {
     let config = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(partitions.max(1));
@@ -158,7 +166,7 @@ pub async fn session_with_partitions(
         .map(|t| t.name.as_str())
         .collect();
     ctx.sql(&contributors_view(&datanets)).await?;
-    Ok(ctx)
+    Ok((ctx, tables))
 }
 
 /// Refusals that happen before the signature is verified: they say nothing about the address in

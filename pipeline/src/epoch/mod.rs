@@ -254,9 +254,9 @@ impl Epochs {
     /// Event time: the newest timestamp in any Datanet, `rejections`, `attributions` or
     /// `inferences` (None on an empty store).
     pub async fn watermark(&self) -> Result<Option<i64>> {
-        let ctx = crate::sql::session(&self.store).await?;
+        let (ctx, tables) = crate::sql::session_and_tables(&self.store, 1).await?;
         let mut parts = Vec::new();
-        for t in crate::sql::list_tables(&self.store).await? {
+        for t in tables {
             if t.files == 0 {
                 continue;
             }
@@ -369,14 +369,13 @@ struct Earned {
 /// Runs the policy over the epoch's window: (contributor, score, weight) rows, summed per
 /// address. One partition, so the float sums are the same on every run.
 async fn run_policy(
-    store: &Store,
+    ctx: &datafusion::prelude::SessionContext,
     sql: &str,
     n: u64,
     window: (i64, i64),
     threshold_millionths: u64,
     penalty_per_point: f64,
 ) -> Result<BTreeMap<Account, (f64, f64)>> {
-    let ctx = crate::sql::session_with_partitions(store, 1).await?;
     let ts = |ms| ScalarValue::TimestampMillisecond(Some(ms), Some("UTC".into()));
     let params = ParamValues::Map(
         [
@@ -453,8 +452,10 @@ async fn run_policy(
 }
 
 /// Σ `fee` of the inferences created in the window (base units).
-async fn inference_fees(store: &Store, window: (i64, i64)) -> Result<u128> {
-    let ctx = crate::sql::session_with_partitions(store, 1).await?;
+async fn inference_fees(
+    ctx: &datafusion::prelude::SessionContext,
+    window: (i64, i64),
+) -> Result<u128> {
     let sql = format!(
         "SELECT CAST(fee AS VARCHAR) FROM inferences \
          WHERE created_at >= to_timestamp_millis({}) AND created_at < to_timestamp_millis({}) AND fee IS NOT NULL",
@@ -676,18 +677,12 @@ impl Settler {
         let cfg = &e.cfg;
         let window = e.window(n)?;
         let (threshold, emission, block) = self.params(n).await?;
+        // One session (one listing of the store) for the policy, the fees and the content roots.
+        let (ctx, tables) = crate::sql::session_and_tables(&e.store, 1).await?;
         let policy = cfg.policy.as_deref().unwrap_or(DEFAULT_POLICY);
-        let earned = run_policy(
-            &e.store,
-            policy,
-            n,
-            window,
-            threshold,
-            cfg.penalty_per_point,
-        )
-        .await?;
+        let earned = run_policy(&ctx, policy, n, window, threshold, cfg.penalty_per_point).await?;
         let fees = if cfg.inference_fees {
-            inference_fees(&e.store, window).await?
+            inference_fees(&ctx, window).await?
         } else {
             0
         };
@@ -767,8 +762,7 @@ impl Settler {
 
         // Datanet content roots.
         let mut datanets = Vec::new();
-        let ctx = crate::sql::session_with_partitions(&e.store, 1).await?;
-        for t in crate::sql::list_tables(&e.store).await? {
+        for t in &tables {
             if t.kind != TableKind::Datanet || t.files == 0 {
                 continue;
             }
@@ -1132,6 +1126,11 @@ mod tests {
         format!("0x{}", hex::encode([i; 20]))
     }
 
+    /// A policy session over what `store` holds now.
+    async fn ctx(store: &Store) -> datafusion::prelude::SessionContext {
+        crate::sql::session_with_partitions(store, 1).await.unwrap()
+    }
+
     async fn put(store: &Store, table: &str, batch: RecordBatch, time: &'static str) {
         crate::tokens::put_table_file(store, table, &batch, time, &format!("{table}.parquet"))
             .await
@@ -1185,9 +1184,16 @@ mod tests {
             "kafka_timestamp",
         )
         .await;
-        let got = run_policy(&store, DEFAULT_POLICY, 1, (T0, T0 + HOUR), 10_000, 0.1)
-            .await
-            .unwrap();
+        let got = run_policy(
+            &ctx(&store).await,
+            DEFAULT_POLICY,
+            1,
+            (T0, T0 + HOUR),
+            10_000,
+            0.1,
+        )
+        .await
+        .unwrap();
         let acct = |s: &str| parse_address(s).unwrap();
         assert_eq!(
             got.len(),
@@ -1227,7 +1233,7 @@ mod tests {
         put(&store, tables::ATTRIBUTIONS_TABLE, batch, "created_at").await;
         let equal = "SELECT DISTINCT contributor, 1.0 AS weight FROM attributions \
                      WHERE created_at >= $start AND created_at < $end";
-        let got = run_policy(&store, equal, 1, (T0, T0 + HOUR), 0, 0.1)
+        let got = run_policy(&ctx(&store).await, equal, 1, (T0, T0 + HOUR), 0, 0.1)
             .await
             .unwrap();
         let weights: Vec<f64> = got.values().map(|v| v.1).collect();
@@ -1244,7 +1250,7 @@ mod tests {
             ),
             ("DROP TABLE attributions", "planning the reward policy"),
         ] {
-            let e = run_policy(&store, sql, 1, (T0, T0 + HOUR), 0, 0.1)
+            let e = run_policy(&ctx(&store).await, sql, 1, (T0, T0 + HOUR), 0, 0.1)
                 .await
                 .unwrap_err();
             assert!(format!("{e:#}").contains(expected), "{sql}: {e:#}");
@@ -1255,7 +1261,12 @@ mod tests {
     async fn inference_fees_of_the_window_add_up_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().to_str().unwrap()).unwrap();
-        assert_eq!(inference_fees(&store, (T0, T0 + HOUR)).await.unwrap(), 0);
+        assert_eq!(
+            inference_fees(&ctx(&store).await, (T0, T0 + HOUR))
+                .await
+                .unwrap(),
+            0
+        );
         let big = 10i128.pow(30);
         let batch = RecordBatch::try_new(
             tables::inference_schema(),
@@ -1281,7 +1292,9 @@ mod tests {
         .unwrap();
         put(&store, tables::INFERENCES_TABLE, batch, "created_at").await;
         assert_eq!(
-            inference_fees(&store, (T0, T0 + HOUR)).await.unwrap(),
+            inference_fees(&ctx(&store).await, (T0, T0 + HOUR))
+                .await
+                .unwrap(),
             big as u128 + 7
         );
     }
