@@ -7,6 +7,7 @@
 //! - [`tokens`]: `ledgerflow index` (infini-gram-compatible token indexes and their queries);
 //!   [`batch`]: batch jobs that tokenize and index committed Datanet data.
 //! - [`epoch`]: reward epochs, from close to settled on the L2 and published to EigenDA.
+//! - [`train`]: base models trained on a Datanet (`ledgerflow-models`, candle) and registered.
 
 pub mod batch;
 pub mod epoch;
@@ -22,6 +23,7 @@ pub mod runtime;
 pub mod spec;
 pub mod sql;
 pub mod tokens;
+pub mod train;
 pub mod wallet;
 
 /// The job the quick start runs (also `jobs/quickstart.yaml`).

@@ -175,6 +175,25 @@ enum Command {
         #[command(subcommand)]
         what: RewardsCommand,
     },
+    /// Trains a base model from scratch on a Datanet's token columns (run `index build` first);
+    /// saves it as safetensors in the store, registers it in `models`, and prints a JSON report
+    /// and, as the last line, the new model's id.
+    Train {
+        #[arg(long)]
+        datanet: String,
+        /// Training steps (overrides the config file's `train.steps`).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// YAML with `model:` (sizes) and `train:` (steps, batch_size, seq_len, learning_rate,
+        /// min_learning_rate, warmup_steps, weight_decay, grad_clip, seed, val_fraction).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
+        store: String,
+        /// Progress line on stderr: auto (when it is a terminal), always or never.
+        #[arg(long, default_value = "auto")]
+        progress: String,
+    },
     /// Reward epochs of a job's `epochs:` section: closed → computed → published → submitted →
     /// settled, each step once across crashes.
     Epoch {
@@ -1011,6 +1030,52 @@ fn real_main(command: Command) -> Result<i32> {
         Command::Rewards { what } => rewards_command(what).map(|()| 0),
         Command::Contracts { what } => contracts_command(what).map(|()| 0),
         Command::Epoch { what } => epoch_command(what),
+        Command::Train {
+            datanet,
+            steps,
+            config,
+            store,
+            progress,
+        } => {
+            let mut file = match &config {
+                Some(p) => ledgerflow::train::load_train_file(p)?,
+                None => ledgerflow::train::TrainFile::default(),
+            };
+            if let Some(n) = steps {
+                file.train.steps = n;
+            }
+            let show = match progress.as_str() {
+                "always" => true,
+                "never" => false,
+                _ => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let store = Store::open(&store)?;
+            let rt = io_runtime()?;
+            let mut last = Instant::now();
+            let mut bar = |step: usize, steps: usize, loss: f64, tps: f64, left: f64| {
+                if show && (last.elapsed() > Duration::from_millis(200) || step == steps) {
+                    last = Instant::now();
+                    let done = step * 30 / steps.max(1);
+                    eprint!(
+                        "\r[{}{}] step {step}/{steps} loss {loss:.4} {tps:.0} tokens/s ETA {left:.0}s ",
+                        "#".repeat(done),
+                        " ".repeat(30 - done)
+                    );
+                    if step == steps {
+                        eprintln!();
+                    }
+                }
+            };
+            let trained = ledgerflow::train::train_base(&rt, &store, &datanet, &file, &mut bar)?;
+            let mut report = serde_json::to_value(&trained)?;
+            report["report"]
+                .as_object_mut()
+                .expect("an object")
+                .remove("curve");
+            println!("{report}");
+            println!("{}", trained.id);
+            Ok(0)
+        }
         Command::Da {
             what: DaCommand::Serve { listen, dir },
         } => {

@@ -11,8 +11,9 @@ use datafusion::datasource::listing::{
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use ledgerflow_schemas::tables::{
-    attribution_schema, contribution_schema, inference_schema, penalty_schema, rejection_schema,
-    ATTRIBUTIONS_TABLE, INFERENCES_TABLE, PARTITION_COLUMN, PENALTIES_TABLE, REJECTIONS_TABLE,
+    attribution_schema, contribution_schema, inference_schema, model_schema, penalty_schema,
+    rejection_schema, ATTRIBUTIONS_TABLE, INFERENCES_TABLE, MODELS_TABLE, PARTITION_COLUMN,
+    PENALTIES_TABLE, REJECTIONS_TABLE,
 };
 use ledgerflow_store::layout::valid_table_name;
 use ledgerflow_store::{Store, TableKind};
@@ -89,6 +90,7 @@ fn known_schema(kind: TableKind, name: &str) -> Option<SchemaRef> {
         (TableKind::Engine, PENALTIES_TABLE) => Some(penalty_schema()),
         (TableKind::Engine, ATTRIBUTIONS_TABLE) => Some(attribution_schema()),
         (TableKind::Engine, INFERENCES_TABLE) => Some(inference_schema()),
+        (TableKind::Engine, MODELS_TABLE) => Some(model_schema()),
         _ => None,
     }
 }

@@ -222,6 +222,42 @@ pub fn inference_schema() -> SchemaRef {
     INFERENCE.clone()
 }
 
+/// Name of the engine's model registry.
+pub const MODELS_TABLE: &str = "models";
+
+static MODEL: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("parent", DataType::Utf8, true),
+        Field::new("datanet", DataType::Utf8, false),
+        Field::new("manifest", DataType::Utf8, false),
+        Field::new("manifest_keccak256", DataType::Utf8, false),
+        Field::new("training_contributions", DataType::UInt64, false),
+        Field::new("hyperparameters", DataType::Utf8, false),
+        Field::new("train_loss", DataType::Float64, false),
+        Field::new("val_loss", DataType::Float64, false),
+        Field::new("val_perplexity", DataType::Float64, false),
+        Field::new("unigram_perplexity", DataType::Float64, false),
+        Field::new("artifact_uri", DataType::Utf8, false),
+        Field::new("content_hash", DataType::Utf8, false),
+        Field::new(
+            "created_at",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
+});
+
+/// A row of `models`: a trained model (`kind` `base`, or `adapter` of `parent`), the Datanet and
+/// the exact list of contributions it was trained on (`manifest`, one content hash per line,
+/// and its keccak256), its hyperparameters (JSON), losses and perplexities (with a unigram model
+/// of the same Datanet on the same validation tokens), where its safetensors are, and their
+/// keccak256 (the model's generation). Partitioned by the UTC day of `created_at`.
+pub fn model_schema() -> SchemaRef {
+    MODEL.clone()
+}
+
 /// Names of the columns of `required` missing from `actual` or of another type, for plan-time checks.
 pub fn missing_columns(required: &Schema, actual: &Schema) -> Vec<String> {
     required
