@@ -14,14 +14,12 @@ mkdir -p "$tools"
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
-# The engine's build leaves out the crates whose dependencies would change the feature choices
-# of shared crates (and so rebuild DataFusion): polars, and candle in ledgerflow-models. Each is
-# built and tested on its own below.
-engine=(--workspace --exclude ledgerflow-polars --exclude ledgerflow-models)
+# The engine's build leaves out polars, whose dependencies would change the feature choices of
+# shared crates (and so rebuild DataFusion); it is built and tested on its own below.
+engine=(--workspace --exclude ledgerflow-polars)
 
 if [[ "${1:-}" == "--quick" ]]; then
   cargo test "${engine[@]}" --lib --bins
-  cargo test -p ledgerflow-models
   exit 0
 fi
 
@@ -118,9 +116,6 @@ log "contracts: forge tests, offline (solc from npm behind contracts/solc.sh; pr
 ln -sfn "$LEDGERFLOW_CHAIN_MODULES" contracts/node_modules
 (cd contracts && LEDGERFLOW_BIN=$CARGO_TARGET_DIR/debug/ledgerflow LEDGERFLOW_FORGE_TMP=$work \
   "$LEDGERFLOW_CHAIN_MODULES/@foundry-rs/forge-linux-amd64/bin/forge" test --use ./solc.sh --offline)
-
-log "models (candle, CPU): training from scratch, its own build"
-cargo test -p ledgerflow-models -- --test-threads 2
 
 log "the polars feature (off by default; a long build the first time)"
 # Its own build: polars' feature choices for shared crates stay out of the engine's build.

@@ -2,8 +2,11 @@
 //! rotary positions, SwiGLU) and [`train`] trains it from scratch on a Datanet's tokens,
 //! deterministically on CPU for a seed.
 
+pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod train;
 
-pub use model::{ModelConfig, Transformer};
-pub use train::{train, Corpus, TrainConfig, TrainReport};
+pub use lora::{Adapter, LoraConfig};
+pub use model::{KvCache, ModelConfig, Rows, Transformer};
+pub use train::{train, train_adapter, Corpus, TrainConfig, TrainReport};

@@ -185,20 +185,96 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
+/// A linear projection without bias, with its module path (`model.layers.0.self_attn.q_proj`)
+/// so LoRA adapters can find their low-rank pair for it.
+struct Proj {
+    linear: Linear,
+    path: String,
+}
+
+impl Proj {
+    /// `x·Wᵀ` for the whole batch (one base matmul), plus each adapter's scaled `x·Aᵀ·Bᵀ` on
+    /// its rows.
+    fn forward(&self, x: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
+        let mut y = self.linear.forward(x)?;
+        for (adapter, idx) in &rows.groups {
+            let Some(pair) = adapter.pair(&self.path) else {
+                continue;
+            };
+            y = match idx {
+                None => (y + pair.delta(x)?)?,
+                Some(idx) => {
+                    let d = pair.delta(&x.index_select(idx, 0)?)?;
+                    y.index_add(idx, &d, 0)?
+                }
+            };
+        }
+        Ok(y)
+    }
+}
+
+/// One low-rank pair of an adapter: `ΔW = scale · B·A` with `A` `[rank, in]` and `B`
+/// `[out, rank]`.
+#[derive(Clone)]
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl LoraPair {
+    fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let h = x.broadcast_matmul(&self.a.t()?)?;
+        h.broadcast_matmul(&self.b.t()?)? * self.scale
+    }
+}
+
+/// Low-rank pairs by module path: what an adapter adds to a base model.
+pub trait LowRank {
+    fn pair(&self, path: &str) -> Option<&LoraPair>;
+}
+
+/// Which adapter each row of a batch uses: groups of (adapter, row indices `u32`), `None` for
+/// every row. Rows in no group run on the base model alone.
+#[derive(Default)]
+pub struct Rows<'a> {
+    pub groups: Vec<(&'a dyn LowRank, Option<Tensor>)>,
+}
+
+impl<'a> Rows<'a> {
+    /// The base model alone.
+    pub fn base() -> Self {
+        Self::default()
+    }
+    /// One adapter on every row.
+    pub fn all(adapter: &'a dyn LowRank) -> Self {
+        Self {
+            groups: vec![(adapter, None)],
+        }
+    }
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        rows: &Rows<'_>,
+    ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        let split = |l: &Linear| -> Result<Tensor> {
-            l.forward(x)?
+        let split = |l: &Proj| -> Result<Tensor> {
+            l.forward(x, rows)?
                 .reshape((b, t, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
@@ -209,20 +285,101 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let att = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        self.o.forward(&y)
+        self.o.forward(&y, rows)
+    }
+
+    /// Attention of `x` (`[batch, new, d]`) where row `i` continues `caches[i]` from position
+    /// `starts[i]`; appends the new keys and values to the caches.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        tables: (&Tensor, &Tensor),
+        starts: &[usize],
+        caches: &mut [&mut LayerCache],
+        rows: &Rows<'_>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let split = |l: &Proj| -> Result<Tensor> {
+            l.forward(x, rows)?
+                .reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(&self.q)?, split(&self.k)?, split(&self.v)?);
+        let mut out = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let cos = tables.0.narrow(0, starts[i], t)?;
+            let sin = tables.1.narrow(0, starts[i], t)?;
+            let qi = rope(&q.narrow(0, i, 1)?, &cos, &sin)?;
+            let ki = rope(&k.narrow(0, i, 1)?, &cos, &sin)?;
+            let vi = v.narrow(0, i, 1)?;
+            let (ki, vi) = match cache.kv.take() {
+                Some((pk, pv)) => (
+                    Tensor::cat(&[&pk, &ki], 2)?.contiguous()?,
+                    Tensor::cat(&[&pv, &vi], 2)?.contiguous()?,
+                ),
+                None => (ki.contiguous()?, vi.contiguous()?),
+            };
+            let mut scores = (qi.matmul(&ki.t()?)? / (self.head_dim as f64).sqrt())?;
+            if t > 1 {
+                let total = ki.dim(2)?;
+                let past = total - t;
+                let mask: Vec<f32> = (0..t * total)
+                    .map(|k| {
+                        if k % total > past + k / total {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, total), x.device())?;
+                scores = scores.broadcast_add(&mask)?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&scores)?;
+            out.push(att.matmul(&vi)?);
+            cache.kv = Some((ki, vi));
+        }
+        let y = Tensor::cat(&out, 0)?.transpose(1, 2)?.reshape((b, t, c))?;
+        self.o.forward(&y, rows)
+    }
+}
+
+/// Keys and values of one layer for one sequence (`[1, heads, time, head_dim]`).
+#[derive(Default, Clone)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+/// The key/value cache of one sequence being generated.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// Tokens the cache holds.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// Bytes the cached keys and values take.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| l.kv.as_ref())
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
+            .sum()
     }
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
-        self.down.forward(&h)
+impl Mlp {
+    fn forward(&self, x: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
+        let h = (self.gate.forward(x, rows)?.silu()? * self.up.forward(x, rows)?)?;
+        self.down.forward(&h, rows)
     }
 }
 
@@ -250,6 +407,13 @@ impl Transformer {
         cfg.check().map_err(candle_core::Error::msg)?;
         let (d, f) = (cfg.d_model, cfg.d_ff);
         let lin = |vb: VarBuilder<'_>, i: usize, o: usize| candle_nn::linear_no_bias(i, o, vb);
+        let proj = |vb: &VarBuilder<'_>, name: &str, i: usize, o: usize| -> Result<Proj> {
+            let vb = vb.pp(name);
+            Ok(Proj {
+                path: vb.prefix(),
+                linear: candle_nn::linear_no_bias(i, o, vb)?,
+            })
+        };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let vb = vb.pp(format!("model.layers.{i}"));
@@ -258,18 +422,18 @@ impl Transformer {
             blocks.push(Block {
                 attn_norm: RmsNorm::new(vb.pp("input_layernorm"), d, cfg.norm_eps)?,
                 attn: Attention {
-                    q: lin(a.pp("q_proj"), d, d)?,
-                    k: lin(a.pp("k_proj"), d, d)?,
-                    v: lin(a.pp("v_proj"), d, d)?,
-                    o: lin(a.pp("o_proj"), d, d)?,
+                    q: proj(&a, "q_proj", d, d)?,
+                    k: proj(&a, "k_proj", d, d)?,
+                    v: proj(&a, "v_proj", d, d)?,
+                    o: proj(&a, "o_proj", d, d)?,
                     heads: cfg.n_heads,
                     head_dim: cfg.head_dim(),
                 },
                 mlp_norm: RmsNorm::new(vb.pp("post_attention_layernorm"), d, cfg.norm_eps)?,
                 mlp: Mlp {
-                    gate: lin(m.pp("gate_proj"), d, f)?,
-                    up: lin(m.pp("up_proj"), d, f)?,
-                    down: lin(m.pp("down_proj"), f, d)?,
+                    gate: proj(&m, "gate_proj", d, f)?,
+                    up: proj(&m, "up_proj", d, f)?,
+                    down: proj(&m, "down_proj", f, d)?,
                 },
             });
         }
@@ -294,8 +458,33 @@ impl Transformer {
         })
     }
 
-    /// Logits `[batch, time, vocab]` of token ids `[batch, time]` (u32).
+    /// Module paths of the projections an adapter may target, with their (in, out) sizes.
+    pub fn projections(&self) -> Vec<(String, usize, usize)> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            for p in [
+                &b.attn.q,
+                &b.attn.k,
+                &b.attn.v,
+                &b.attn.o,
+                &b.mlp.gate,
+                &b.mlp.up,
+                &b.mlp.down,
+            ] {
+                let (o, i) = p.linear.weight().dims2().unwrap_or((0, 0));
+                out.push((p.path.clone(), i, o));
+            }
+        }
+        out
+    }
+
+    /// Logits `[batch, time, vocab]` of token ids `[batch, time]` (u32), on the base model.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.forward_rows(tokens, &Rows::base())
+    }
+
+    /// Logits `[batch, time, vocab]` of token ids `[batch, time]` with the adapters of `rows`.
+    pub fn forward_rows(&self, tokens: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
         let (_, t) = tokens.dims2()?;
         if t > self.cfg.max_seq_len {
             candle_core::bail!(
@@ -319,20 +508,73 @@ impl Transformer {
         for b in &self.blocks {
             let h = b
                 .attn
-                .forward(&b.attn_norm.forward(&x)?, &cos, &sin, &mask)?;
+                .forward(&b.attn_norm.forward(&x)?, &cos, &sin, &mask, rows)?;
             x = (x + h)?;
-            let h = b.mlp.forward(&b.mlp_norm.forward(&x)?)?;
+            let h = b.mlp.forward(&b.mlp_norm.forward(&x)?, rows)?;
             x = (x + h)?;
         }
         self.head.forward(&self.norm.forward(&x)?)
     }
 
+    /// One step of generation for a batch of sequences: `tokens` `[batch, new]` continue the
+    /// sequences whose caches are `caches` (row `i` ↔ `caches[i]`), each with its adapter per
+    /// `rows`. Returns the logits of each row's last new token (`[batch, vocab]`) and extends the
+    /// caches. The projections and the MLP run once for the whole batch; attention runs per row
+    /// over its own cache.
+    pub fn forward_cached(
+        &self,
+        tokens: &Tensor,
+        caches: &mut [&mut KvCache],
+        rows: &Rows<'_>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if caches.len() != b {
+            candle_core::bail!("{} caches for a batch of {b}", caches.len());
+        }
+        let starts: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        if let Some(s) = starts.iter().find(|s| **s + t > self.cfg.max_seq_len) {
+            candle_core::bail!(
+                "{} tokens is more than max_seq_len {}",
+                s + t,
+                self.cfg.max_seq_len
+            );
+        }
+        for c in caches.iter_mut() {
+            c.layers.resize(self.blocks.len(), LayerCache::default());
+        }
+        let mut x = self.embed.forward(tokens)?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let mut layer: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            let h = blk.attn.forward_cached(
+                &blk.attn_norm.forward(&x)?,
+                (&self.cos, &self.sin),
+                &starts,
+                &mut layer,
+                rows,
+            )?;
+            x = (x + h)?;
+            let h = blk.mlp.forward(&blk.mlp_norm.forward(&x)?, rows)?;
+            x = (x + h)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += t;
+        }
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.head.forward(&self.norm.forward(&last)?)
+    }
+
     /// Mean next-token cross-entropy of `[batch, time + 1]` windows.
     pub fn loss(&self, windows: &Tensor) -> Result<Tensor> {
+        self.loss_rows(windows, &Rows::base())
+    }
+
+    /// [`Transformer::loss`] with the adapters of `rows`.
+    pub fn loss_rows(&self, windows: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
         let (b, t1) = windows.dims2()?;
         let input = windows.narrow(1, 0, t1 - 1)?;
         let target = windows.narrow(1, 1, t1 - 1)?;
-        let logits = self.forward(&input)?;
+        let logits = self.forward_rows(&input, rows)?;
         candle_nn::loss::cross_entropy(
             &logits.reshape((b * (t1 - 1), self.cfg.vocab_size))?,
             &target.reshape(b * (t1 - 1))?,

@@ -9,7 +9,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{init_seeded, ModelConfig, Transformer};
+use crate::lora::{Adapter, LoraConfig};
+use crate::model::{init_seeded, ModelConfig, Rows, Transformer};
 
 /// How to train (what `train:` in a config file sets).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -157,6 +158,9 @@ pub struct TrainReport {
     pub val_perplexity: f64,
     /// A unigram model of the training stream (add-one smoothed) on the same validation tokens.
     pub unigram_perplexity: f64,
+    /// For an adapter: its base model's perplexity on the same validation tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_perplexity: Option<f64>,
     pub val_tokens: usize,
     /// (step, loss, learning rate) of every step.
     pub curve: Vec<(usize, f64, f64)>,
@@ -179,6 +183,51 @@ pub fn train(
     device: &Device,
     progress: Progress<'_>,
 ) -> candle_core::Result<(VarMap, TrainReport)> {
+    check_sizes(cfg, tc, corpus)?;
+    let varmap = VarMap::new();
+    init_seeded(&varmap, cfg, tc.seed, device)?;
+    let model = Transformer::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device),
+    )?;
+    let loss = |w: &Tensor| model.loss(w);
+    let report = fit(cfg, varmap.all_vars(), tc, corpus, device, progress, &loss)?;
+    Ok((varmap, report))
+}
+
+/// Trains a LoRA adapter of the frozen `base` (its tensors are not variables, so no gradient
+/// reaches them) on `corpus`; returns the adapter's PEFT-named variables and the report, with
+/// the base model's perplexity on the same validation tokens.
+pub fn train_adapter(
+    base: &Transformer,
+    lora: &LoraConfig,
+    tc: &TrainConfig,
+    corpus: &Corpus,
+    device: &Device,
+    progress: Progress<'_>,
+) -> candle_core::Result<(VarMap, TrainReport)> {
+    check_sizes(&base.cfg, tc, corpus)?;
+    let varmap = VarMap::new();
+    let adapter = Adapter::init(base, lora, tc.seed, &varmap, device)?;
+    let loss = |w: &Tensor| base.loss_rows(w, &Rows::all(&adapter));
+    let mut report = fit(
+        &base.cfg,
+        varmap.all_vars(),
+        tc,
+        corpus,
+        device,
+        progress,
+        &loss,
+    )?;
+    let (base_loss, _, _) = evaluate(&|w| base.loss(w), &base.cfg, tc, corpus, device)?;
+    report.base_perplexity = Some(base_loss.exp());
+    Ok((varmap, report))
+}
+
+fn check_sizes(cfg: &ModelConfig, tc: &TrainConfig, corpus: &Corpus) -> candle_core::Result<()> {
+    if tc.steps == 0 || tc.batch_size == 0 || tc.seq_len == 0 {
+        return Err(err("steps, batch_size and seq_len must be at least 1"));
+    }
     if tc.seq_len > cfg.max_seq_len {
         return Err(err(format!(
             "seq_len {} is longer than max_seq_len {}",
@@ -199,13 +248,20 @@ pub fn train(
             tc.seq_len
         )));
     }
-    let varmap = VarMap::new();
-    init_seeded(&varmap, cfg, tc.seed, device)?;
-    let model = Transformer::new(
-        cfg,
-        VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device),
-    )?;
-    let vars = varmap.all_vars();
+    Ok(())
+}
+
+/// The training loop shared by base models and adapters: seeded random windows, AdamW on
+/// `vars`, warm-up + cosine, global-norm clipping; then the validation report.
+fn fit(
+    cfg: &ModelConfig,
+    vars: Vec<candle_core::Var>,
+    tc: &TrainConfig,
+    corpus: &Corpus,
+    device: &Device,
+    progress: Progress<'_>,
+    loss_of: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<TrainReport> {
     let mut opt = AdamW::new(
         vars.clone(),
         ParamsAdamW {
@@ -225,7 +281,7 @@ pub fn train(
             batch.extend_from_slice(&corpus.train[start..start + window]);
         }
         let windows = Tensor::from_vec(batch, (tc.batch_size, window), device)?;
-        let loss = model.loss(&windows)?;
+        let loss = loss_of(&windows)?;
         let mut grads = loss.backward()?;
         // Global gradient-norm clipping.
         let mut sq = 0f64;
@@ -255,31 +311,29 @@ pub fn train(
         progress(step + 1, tc.steps, l, tps, left);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let (val_loss, val_tokens, unigram) = evaluate(&model, cfg, tc, corpus, device)?;
+    let (val_loss, val_tokens, unigram) = evaluate(loss_of, cfg, tc, corpus, device)?;
     let tail = curve.len().clamp(1, 10);
     let train_loss = curve.iter().rev().take(tail).map(|c| c.1).sum::<f64>() / tail as f64;
     let tokens_seen = (tc.steps * tc.batch_size * tc.seq_len) as u64;
-    Ok((
-        varmap,
-        TrainReport {
-            steps: tc.steps,
-            tokens_seen,
-            train_loss,
-            val_loss,
-            val_perplexity: val_loss.exp(),
-            unigram_perplexity: unigram,
-            val_tokens,
-            curve,
-            seconds,
-            tokens_per_second: tokens_seen as f64 / seconds.max(1e-9),
-        },
-    ))
+    Ok(TrainReport {
+        steps: tc.steps,
+        tokens_seen,
+        train_loss,
+        val_loss,
+        val_perplexity: val_loss.exp(),
+        unigram_perplexity: unigram,
+        base_perplexity: None,
+        val_tokens,
+        curve,
+        seconds,
+        tokens_per_second: tokens_seen as f64 / seconds.max(1e-9),
+    })
 }
 
 /// Validation loss over consecutive windows of the held-out stream, and the unigram
 /// perplexity of the training stream's token counts on exactly the tokens predicted.
 fn evaluate(
-    model: &Transformer,
+    loss_of: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
     cfg: &ModelConfig,
     tc: &TrainConfig,
     corpus: &Corpus,
@@ -307,7 +361,7 @@ fn evaluate(
             }
         }
         let windows = Tensor::from_vec(batch, (chunk.len(), window), device)?;
-        let l = model.loss(&windows)?.to_scalar::<f32>()? as f64;
+        let l = loss_of(&windows)?.to_scalar::<f32>()? as f64;
         let k = chunk.len() * tc.seq_len;
         loss_sum += l * k as f64;
         tokens += k;
