@@ -10,6 +10,7 @@
 //! - [`train`]: base models trained on a Datanet (`ledgerflow-models`, candle) and registered.
 
 pub mod batch;
+pub mod chart;
 pub mod epoch;
 pub mod gen;
 pub mod job_schema;
@@ -20,6 +21,7 @@ pub mod planted;
 pub use ledgerflow_polars as polars_frame;
 pub mod registry;
 pub mod runtime;
+pub mod serve;
 pub mod spec;
 pub mod sql;
 pub mod tokens;

@@ -181,11 +181,16 @@ enum Command {
     Train {
         #[arg(long)]
         datanet: String,
+        /// Train a LoRA adapter of this base model (its id in `models`) instead of a base model;
+        /// the base stays frozen and the Datanet's text is tokenized with the base's tokenizer.
+        #[arg(long)]
+        adapter_of: Option<String>,
         /// Training steps (overrides the config file's `train.steps`).
         #[arg(long)]
         steps: Option<usize>,
-        /// YAML with `model:` (sizes) and `train:` (steps, batch_size, seq_len, learning_rate,
-        /// min_learning_rate, warmup_steps, weight_decay, grad_clip, seed, val_fraction).
+        /// YAML with `model:` (sizes), `train:` (steps, batch_size, seq_len, learning_rate,
+        /// min_learning_rate, warmup_steps, weight_decay, grad_clip, seed, val_fraction,
+        /// eval_windows) and `lora:` (rank, alpha, targets).
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
@@ -193,6 +198,45 @@ enum Command {
         /// Progress line on stderr: auto (when it is a terminal), always or never.
         #[arg(long, default_value = "auto")]
         progress: String,
+    },
+    /// Serves every model of the store's registry over an OpenAI-compatible HTTP API
+    /// (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/v1/load_lora_adapter`,
+    /// `/v1/unload_lora_adapter`, `/health`, `/metrics`); prints `listening on http://…`.
+    Serve {
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
+        store: String,
+        /// Bearer token for loading and unloading adapters (from the environment, never a file
+        /// in the repository).
+        #[arg(long, env = "LEDGERFLOW_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Memory for resident adapters (their tensor bytes), in MiB; the least recently used
+        /// are evicted beyond it.
+        #[arg(long, default_value_t = 256)]
+        adapter_budget_mib: usize,
+        /// Sequences per engine step.
+        #[arg(long, default_value_t = 32)]
+        max_batch: usize,
+        /// Do not credit answers to contributions (span matching against the Datanet index).
+        #[arg(long)]
+        no_attribution: bool,
+        /// Stop after this many seconds (default: run until ctrl-c).
+        #[arg(long)]
+        for_seconds: Option<u64>,
+        /// Also answer requests from Kafka (bootstrap servers).
+        #[arg(long, requires_all = ["request_topic", "response_topic"])]
+        kafka_brokers: Option<String>,
+        /// Topic of JSON requests (the body of /v1/completions, with an optional `id`).
+        #[arg(long)]
+        request_topic: Option<String>,
+        /// Topic the responses go to, keyed by request id.
+        #[arg(long)]
+        response_topic: Option<String>,
+        #[arg(long, default_value = "ledgerflow-serve")]
+        kafka_group: String,
     },
     /// Reward epochs of a job's `epochs:` section: closed → computed → published → submitted →
     /// settled, each step once across crashes.
@@ -1012,11 +1056,14 @@ fn real_main(command: Command) -> Result<i32> {
                     let inference = ledgerflow::tokens::Inference {
                         request_id: &id,
                         model: &model,
+                        adapter_generation: None,
                         datanet: &datanet,
                         prompt: &prompt,
                         output: &text,
                         prompt_tokens: 0,
                         completion_tokens: result["tokens"].as_u64().unwrap_or(0) as u32,
+                        time_to_first_token_ms: None,
+                        total_ms: None,
                         fee,
                         created_at_ms: at,
                     };
@@ -1032,6 +1079,7 @@ fn real_main(command: Command) -> Result<i32> {
         Command::Epoch { what } => epoch_command(what),
         Command::Train {
             datanet,
+            adapter_of,
             steps,
             config,
             store,
@@ -1066,7 +1114,12 @@ fn real_main(command: Command) -> Result<i32> {
                     }
                 }
             };
-            let trained = ledgerflow::train::train_base(&rt, &store, &datanet, &file, &mut bar)?;
+            let trained = match &adapter_of {
+                Some(base) => {
+                    ledgerflow::train::train_adapter(&rt, &store, &datanet, base, &file, &mut bar)?
+                }
+                None => ledgerflow::train::train_base(&rt, &store, &datanet, &file, &mut bar)?,
+            };
             let mut report = serde_json::to_value(&trained)?;
             report["report"]
                 .as_object_mut()
@@ -1074,6 +1127,61 @@ fn real_main(command: Command) -> Result<i32> {
                 .remove("curve");
             println!("{report}");
             println!("{}", trained.id);
+            Ok(0)
+        }
+        Command::Serve {
+            port,
+            host,
+            store,
+            api_key,
+            adapter_budget_mib,
+            max_batch,
+            no_attribution,
+            for_seconds,
+            kafka_brokers,
+            request_topic,
+            response_topic,
+            kafka_group,
+        } => {
+            let store = Store::open(&store)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(
+                    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
+                )
+                .thread_name("ledgerflow-serve")
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let opts = ledgerflow::serve::ServeOptions {
+                    listen: format!("{host}:{port}"),
+                    api_key,
+                    adapter_budget_bytes: adapter_budget_mib << 20,
+                    max_batch,
+                    attribution: !no_attribution,
+                    kafka: kafka_brokers.map(|brokers| ledgerflow::serve::KafkaServing {
+                        brokers,
+                        requests: request_topic.unwrap_or_default(),
+                        responses: response_topic.unwrap_or_default(),
+                        group: kafka_group,
+                    }),
+                };
+                let (server, handle) = ledgerflow::serve::start(
+                    store,
+                    opts,
+                    ledgerflow::serve::until(for_seconds.map(Duration::from_secs)),
+                )
+                .await?;
+                println!(
+                    "listening on http://{} ({} models: {})",
+                    server.addr,
+                    server.models.len(),
+                    server.models.join(", ")
+                );
+                use std::io::Write as _;
+                std::io::stdout().flush()?;
+                handle.await?;
+                anyhow::Ok(())
+            })?;
             Ok(0)
         }
         Command::Da {

@@ -768,31 +768,50 @@ pub(crate) async fn put_table_file(
     Ok(())
 }
 
+/// A Datanet's index opened for span attribution (its tokenizer and shards), kept open by the
+/// model server between requests.
+pub struct SpanIndex {
+    tokenizer: ledgerflow_index::TextTokenizer,
+    index: Index,
+}
+
+impl SpanIndex {
+    /// Opens the index in `dir` (`ledgerflow index build --datanet` writes it).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let tokenizer = ledgerflow_index::TextTokenizer::load(&dir.join("tokenizer.json"))
+            .with_context(|| {
+                format!(
+                    "no tokenizer in {} (run `ledgerflow index build --datanet` first)",
+                    dir.display()
+                )
+            })?;
+        let index = open(dir, tokenizer.eos_id())?;
+        Ok(Self { tokenizer, index })
+    }
+
+    /// The maximal spans of `text` in the index (decoded) and the contributions they credit.
+    pub fn attribute(&self, text: &str, params: &AttributeParams) -> Result<Value> {
+        let ids = self.tokenizer.encode(text)?;
+        let spans = self.index.attribute(&ids, params);
+        let credits = ledgerflow_index::credit(&self.index, &spans)?;
+        let spans: Vec<Value> = spans
+            .iter()
+            .map(|s| {
+                Ok(json!({
+                    "l": s.l, "r": s.r, "length": s.length, "count": s.count,
+                    "text": self.tokenizer.decode(&ids[s.l..s.r])?,
+                    "docs": s.docs.len(),
+                }))
+            })
+            .collect::<Result<_>>()?;
+        Ok(json!({ "tokens": ids.len(), "spans": spans, "contributions": credits }))
+    }
+}
+
 /// `ledgerflow attribute`: the maximal spans of `text` in the Datanet's index (decoded) and the
 /// contributions they credit.
 pub fn attribute_text(dir: &Path, text: &str, params: &AttributeParams) -> Result<Value> {
-    let tokenizer = ledgerflow_index::TextTokenizer::load(&dir.join("tokenizer.json"))
-        .with_context(|| {
-            format!(
-                "no tokenizer in {} (run `ledgerflow index build --datanet` first)",
-                dir.display()
-            )
-        })?;
-    let index = open(dir, tokenizer.eos_id())?;
-    let ids = tokenizer.encode(text)?;
-    let spans = index.attribute(&ids, params);
-    let credits = ledgerflow_index::credit(&index, &spans)?;
-    let spans: Vec<Value> = spans
-        .iter()
-        .map(|s| {
-            Ok(json!({
-                "l": s.l, "r": s.r, "length": s.length, "count": s.count,
-                "text": tokenizer.decode(&ids[s.l..s.r])?,
-                "docs": s.docs.len(),
-            }))
-        })
-        .collect::<Result<_>>()?;
-    Ok(json!({ "tokens": ids.len(), "spans": spans, "contributions": credits }))
+    SpanIndex::open(dir)?.attribute(text, params)
 }
 
 /// Writes the `contributions` of an [`attribute_text`] result as `attributions` rows of model
@@ -806,50 +825,65 @@ pub async fn record_attributions(
     result: &Value,
     created_at_ms: i64,
 ) -> Result<usize> {
-    use arrow_array::{
-        ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
-    };
-    use ledgerflow_schemas::tables::{attribution_schema, ATTRIBUTIONS_TABLE};
-    use std::sync::Arc;
     if output_id.is_empty() {
         bail!("an output id is required to record attributions");
     }
-    let credits = result["contributions"]
-        .as_array()
-        .context("the attribution result has no contributions")?;
-    if credits.is_empty() {
-        return Ok(0);
-    }
-    let text = |k: &str| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(
-            credits.iter().map(|c| c[k].as_str().unwrap_or_default()),
-        ))
-    };
-    let n = credits.len();
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-            output_id, n,
-        ))),
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-            datanet, n,
-        ))),
-        text("content_hash"),
-        text("contributor"),
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-            "span", n,
-        ))),
-        Arc::new(Float64Array::from_iter_values(
-            credits.iter().map(|c| c["score"].as_f64().unwrap_or(0.0)),
-        )),
-        Arc::new(
-            TimestampMillisecondArray::from_iter_values(std::iter::repeat_n(created_at_ms, n))
-                .with_timezone("UTC"),
-        ),
-    ];
-    let batch = RecordBatch::try_new(attribution_schema(), columns)?;
     let id = hex::encode(&ledgerflow_schemas::contribution::keccak256(output_id.as_bytes())[..12]);
     let file = format!("span-{datanet}-{id}.parquet");
-    put_table_file(store, ATTRIBUTIONS_TABLE, &batch, "created_at", &file).await?;
+    record_attribution_batch(store, &[(output_id, datanet, result, created_at_ms)], &file).await
+}
+
+/// Writes the span credits of several outputs — (output id, Datanet, [`SpanIndex::attribute`]
+/// result, created at) — as `attributions` rows (method `span`) in one file per day named
+/// `file`. Returns the number of rows.
+pub async fn record_attribution_batch(
+    store: &ledgerflow_store::Store,
+    outputs: &[(&str, &str, &Value, i64)],
+    file: &str,
+) -> Result<usize> {
+    use arrow_array::builder::{
+        ArrayBuilder, Float64Builder, StringBuilder, TimestampMillisecondBuilder,
+    };
+    use arrow_array::{ArrayRef, RecordBatch};
+    use ledgerflow_schemas::tables::{attribution_schema, ATTRIBUTIONS_TABLE};
+    use std::sync::Arc;
+    let (mut out, mut dn, mut hash, mut who, mut method) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let (mut score, mut at) = (Float64Builder::new(), TimestampMillisecondBuilder::new());
+    for (output_id, datanet, result, created_at_ms) in outputs {
+        let credits = result["contributions"]
+            .as_array()
+            .context("the attribution result has no contributions")?;
+        for c in credits {
+            out.append_value(output_id);
+            dn.append_value(datanet);
+            hash.append_value(c["content_hash"].as_str().unwrap_or_default());
+            who.append_value(c["contributor"].as_str().unwrap_or_default());
+            method.append_value("span");
+            score.append_value(c["score"].as_f64().unwrap_or(0.0));
+            at.append_value(*created_at_ms);
+        }
+    }
+    let n = out.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(out.finish()),
+        Arc::new(dn.finish()),
+        Arc::new(hash.finish()),
+        Arc::new(who.finish()),
+        Arc::new(method.finish()),
+        Arc::new(score.finish()),
+        Arc::new(at.finish().with_timezone("UTC")),
+    ];
+    let batch = RecordBatch::try_new(attribution_schema(), columns)?;
+    put_table_file(store, ATTRIBUTIONS_TABLE, &batch, "created_at", file).await?;
     Ok(n)
 }
 
@@ -857,11 +891,15 @@ pub async fn record_attributions(
 pub struct Inference<'a> {
     pub request_id: &'a str,
     pub model: &'a str,
+    /// For an adapter: the content hash of the exact version that answered.
+    pub adapter_generation: Option<&'a str>,
     pub datanet: &'a str,
     pub prompt: &'a str,
     pub output: &'a str,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    pub time_to_first_token_ms: Option<f64>,
+    pub total_ms: Option<f64>,
     /// Fee in the reward token's base units (< 10^38).
     pub fee: Option<u128>,
     pub created_at_ms: i64,
@@ -870,44 +908,67 @@ pub struct Inference<'a> {
 /// Writes one row of `inferences` (the file named by the request id, so recording it again
 /// replaces it).
 pub async fn record_inference(store: &ledgerflow_store::Store, i: &Inference<'_>) -> Result<()> {
+    if i.request_id.is_empty() {
+        bail!("an inference needs a request id");
+    }
+    let id =
+        hex::encode(&ledgerflow_schemas::contribution::keccak256(i.request_id.as_bytes())[..12]);
+    record_inference_batch(
+        store,
+        std::slice::from_ref(i),
+        &format!("inference-{id}.parquet"),
+    )
+    .await
+}
+
+/// Writes rows of `inferences` in one file per day named `file`.
+pub async fn record_inference_batch(
+    store: &ledgerflow_store::Store,
+    rows: &[Inference<'_>],
+    file: &str,
+) -> Result<()> {
     use arrow_array::{
         ArrayRef, Decimal128Array, Float64Array, RecordBatch, StringArray,
         TimestampMillisecondArray, UInt32Array,
     };
     use ledgerflow_schemas::tables::{inference_schema, INFERENCES_TABLE};
     use std::sync::Arc;
-    if i.request_id.is_empty() {
-        bail!("an inference needs a request id");
+    if let Some(i) = rows.iter().find(|i| i.request_id.is_empty()) {
+        bail!("an inference of {} needs a request id", i.model);
     }
-    let s = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v])) };
+    let s = |f: &dyn for<'x> Fn(&'x Inference<'_>) -> &'x str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
     let columns: Vec<ArrayRef> = vec![
-        s(i.request_id),
-        s(i.model),
-        Arc::new(StringArray::from(vec![None::<&str>])),
-        s(i.datanet),
-        s(i.prompt),
-        s(i.output),
-        Arc::new(UInt32Array::from(vec![i.prompt_tokens])),
-        Arc::new(UInt32Array::from(vec![i.completion_tokens])),
-        Arc::new(Float64Array::from(vec![None::<f64>])),
-        Arc::new(Float64Array::from(vec![None::<f64>])),
+        s(&|i| i.request_id),
+        s(&|i| i.model),
+        Arc::new(StringArray::from_iter(
+            rows.iter().map(|i| i.adapter_generation),
+        )),
+        s(&|i| i.datanet),
+        s(&|i| i.prompt),
+        s(&|i| i.output),
+        Arc::new(UInt32Array::from_iter_values(
+            rows.iter().map(|i| i.prompt_tokens),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            rows.iter().map(|i| i.completion_tokens),
+        )),
+        Arc::new(Float64Array::from_iter(
+            rows.iter().map(|i| i.time_to_first_token_ms),
+        )),
+        Arc::new(Float64Array::from_iter(rows.iter().map(|i| i.total_ms))),
         Arc::new(
-            Decimal128Array::from(vec![i.fee.map(|f| f as i128)])
+            Decimal128Array::from_iter(rows.iter().map(|i| i.fee.map(|f| f as i128)))
                 .with_precision_and_scale(38, 0)?,
         ),
-        Arc::new(TimestampMillisecondArray::from(vec![i.created_at_ms]).with_timezone("UTC")),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(rows.iter().map(|i| i.created_at_ms))
+                .with_timezone("UTC"),
+        ),
     ];
     let batch = RecordBatch::try_new(inference_schema(), columns)?;
-    let id =
-        hex::encode(&ledgerflow_schemas::contribution::keccak256(i.request_id.as_bytes())[..12]);
-    put_table_file(
-        store,
-        INFERENCES_TABLE,
-        &batch,
-        "created_at",
-        &format!("inference-{id}.parquet"),
-    )
-    .await
+    put_table_file(store, INFERENCES_TABLE, &batch, "created_at", file).await
 }
 
 /// `ledgerflow index doc`: the document of a Datanet index holding the contribution

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use arrow::array::{Array, AsArray};
 use arrow_schema::DataType;
 use bytes::Bytes;
-use ledgerflow_models::{Corpus, ModelConfig, TrainConfig, TrainReport};
+use ledgerflow_models::{Corpus, LoraConfig, ModelConfig, TrainConfig, TrainReport};
 use ledgerflow_store::Store;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,9 @@ pub struct TrainFile {
     pub model: ModelConfig,
     #[serde(default)]
     pub train: TrainConfig,
+    /// Rank, alpha and targets of an adapter (`--adapter-of`).
+    #[serde(default)]
+    pub lora: LoraConfig,
 }
 
 /// The documents of `datanet` in the `tokens` table, in Kafka order: (content hash, tokens).
@@ -46,6 +49,32 @@ pub async fn datanet_documents(store: &Store, datanet: &str) -> Result<Vec<(Stri
     }
     if docs.is_empty() {
         bail!("Datanet `{datanet}` has no tokenized contributions (run `ledgerflow index build --datanet {datanet}`)");
+    }
+    Ok(docs)
+}
+
+/// The documents of `datanet` as text, in Kafka order: (content hash, content). Adapters read
+/// these and tokenize them with their base model's tokenizer.
+pub async fn datanet_texts(store: &Store, datanet: &str) -> Result<Vec<(String, String)>> {
+    let ctx = crate::sql::session_with_partitions(store, 1).await?;
+    if !ctx.table_exist(datanet)? {
+        bail!("the store has no Datanet `{datanet}`");
+    }
+    let sql = format!(
+        "SELECT content_hash, content FROM \"{}\" ORDER BY kafka_topic, kafka_partition, kafka_offset",
+        datanet.replace('"', "\"\"")
+    );
+    let mut docs = Vec::new();
+    for b in ctx.sql(&sql).await?.collect().await? {
+        let hashes = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+        let texts = arrow::compute::cast(b.column(1), &DataType::Utf8)?;
+        let (hashes, texts) = (hashes.as_string::<i32>(), texts.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            docs.push((hashes.value(i).to_string(), texts.value(i).to_string()));
+        }
+    }
+    if docs.is_empty() {
+        bail!("Datanet `{datanet}` has no contributions");
     }
     Ok(docs)
 }
@@ -113,6 +142,20 @@ pub fn train_base(
         store
             .put(&format!("{dir}/loss_curve.csv"), Bytes::from(curve))
             .await?;
+        store
+            .put(
+                &format!("{dir}/loss_curve.png"),
+                Bytes::from(crate::chart::loss_png(&report.curve)?),
+            )
+            .await?;
+        store
+            .put(
+                &format!("{dir}/tokenizer.json"),
+                Bytes::from(std::fs::read(
+                    crate::tokens::datanet_index_dir(store, datanet)?.join("tokenizer.json"),
+                )?),
+            )
+            .await?;
         anyhow::Ok(())
     })?;
     let artifact_uri = format!("{}{dir}/model.safetensors", store.url());
@@ -121,6 +164,211 @@ pub fn train_base(
         store,
         &Registered {
             id: &id,
+            kind: "base",
+            parent: None,
+            datanet,
+            manifest: &format!("{dir}/training_contributions.txt"),
+            manifest_hash: &manifest_hash,
+            contributions: corpus.train_docs.len(),
+            hyperparameters: &hyper.to_string(),
+            report: &report,
+            artifact_uri: &artifact_uri,
+            content_hash: &content_hash,
+        },
+    )?;
+    Ok(Trained {
+        id,
+        content_hash,
+        artifact_uri,
+        training_contributions: corpus.train_docs.len(),
+        report,
+    })
+}
+
+/// A registered model, as `models` holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRow {
+    pub id: String,
+    pub kind: String,
+    pub parent: Option<String>,
+    pub datanet: String,
+    pub artifact_uri: String,
+    pub content_hash: String,
+    pub hyperparameters: String,
+    pub val_perplexity: f64,
+    pub created_at_ms: i64,
+}
+
+impl ModelRow {
+    /// The model's folder in the store (`models/<id>`).
+    pub fn dir(&self) -> String {
+        format!("models/{}", self.id)
+    }
+}
+
+/// Every model of the registry, oldest first.
+pub async fn registry(store: &Store) -> Result<Vec<ModelRow>> {
+    let ctx = crate::sql::session_with_partitions(store, 1).await?;
+    let sql = "SELECT id, kind, parent, datanet, artifact_uri, content_hash, hyperparameters, \
+               val_perplexity, CAST(created_at AS BIGINT) AS t FROM models ORDER BY created_at, id";
+    let mut out = Vec::new();
+    for b in ctx.sql(sql).await?.collect().await? {
+        let col = |i: usize| arrow::compute::cast(b.column(i), &DataType::Utf8);
+        let cols = (0..7)
+            .map(col)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let text: Vec<_> = cols.iter().map(|c| c.as_string::<i32>()).collect();
+        let ppl = arrow::compute::cast(b.column(7), &DataType::Float64)?;
+        let ppl = ppl.as_primitive::<arrow::datatypes::Float64Type>();
+        let t = arrow::compute::cast(b.column(8), &DataType::Int64)?;
+        let t = t.as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..b.num_rows() {
+            out.push(ModelRow {
+                id: text[0].value(i).to_string(),
+                kind: text[1].value(i).to_string(),
+                parent: (!text[2].is_null(i)).then(|| text[2].value(i).to_string()),
+                datanet: text[3].value(i).to_string(),
+                artifact_uri: text[4].value(i).to_string(),
+                content_hash: text[5].value(i).to_string(),
+                hyperparameters: text[6].value(i).to_string(),
+                val_perplexity: ppl.value(i),
+                created_at_ms: t.value(i),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A base model loaded from the store: its config, its frozen weights and its tokenizer.
+pub struct LoadedBase {
+    pub row: ModelRow,
+    pub cfg: ModelConfig,
+    pub model: ledgerflow_models::Transformer,
+    pub tokenizer: ledgerflow_index::TextTokenizer,
+}
+
+/// Loads base model `id` (frozen: its tensors are not variables).
+pub async fn load_base(
+    store: &Store,
+    row: &ModelRow,
+    device: &candle_core::Device,
+) -> Result<LoadedBase> {
+    if row.kind != "base" {
+        bail!("model `{}` is an {}, not a base model", row.id, row.kind);
+    }
+    let dir = row.dir();
+    let get = |name: &'static str| {
+        let path = format!("{dir}/{name}");
+        async move {
+            store
+                .get(&path)
+                .await?
+                .with_context(|| format!("the store has no {path}"))
+        }
+    };
+    let hyper: serde_json::Value = serde_json::from_slice(&get("config.json").await?)?;
+    let cfg: ModelConfig = serde_json::from_value(hyper["model"].clone())
+        .with_context(|| format!("{dir}/config.json has no valid `model`"))?;
+    let weights = get("model.safetensors").await?;
+    let tok = get("tokenizer.json").await?;
+    let tokenizer = ledgerflow_index::TextTokenizer::from_json(std::str::from_utf8(&tok)?)?;
+    let vb = candle_nn::VarBuilder::from_buffered_safetensors(
+        weights.to_vec(),
+        candle_core::DType::F32,
+        device,
+    )?;
+    let model = ledgerflow_models::Transformer::new(&cfg, vb)?;
+    Ok(LoadedBase {
+        row: row.clone(),
+        cfg,
+        model,
+        tokenizer,
+    })
+}
+
+/// Finds `id` in the registry.
+pub fn find<'a>(models: &'a [ModelRow], id: &str) -> Result<&'a ModelRow> {
+    models.iter().rev().find(|m| m.id == id).with_context(|| {
+        let known: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+        format!(
+            "no model `{id}` in the registry (known: {})",
+            known.join(", ")
+        )
+    })
+}
+
+/// Trains a LoRA adapter of base model `base_id` on `datanet` (its text, tokenized with the
+/// base's tokenizer) and registers it (`kind` adapter, `parent` the base).
+pub fn train_adapter(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    datanet: &str,
+    base_id: &str,
+    file: &TrainFile,
+    progress: ledgerflow_models::train::Progress<'_>,
+) -> Result<Trained> {
+    let device = candle_device()?;
+    let models = rt.block_on(registry(store))?;
+    let row = find(&models, base_id)?.clone();
+    let base = rt.block_on(load_base(store, &row, &device))?;
+    file.lora.check().map_err(anyhow::Error::msg)?;
+    let texts = rt.block_on(datanet_texts(store, datanet))?;
+    let docs: Vec<(String, Vec<u16>)> = texts
+        .into_iter()
+        .map(|(h, t)| Ok((h, base.tokenizer.encode(&t)?)))
+        .collect::<Result<_>>()?;
+    let corpus = Corpus::split(
+        &docs,
+        base.tokenizer.eos_id() as u32,
+        file.train.val_fraction,
+    );
+    let (varmap, report) = ledgerflow_models::train_adapter(
+        &base.model,
+        &file.lora,
+        &file.train,
+        &corpus,
+        &device,
+        progress,
+    )?;
+    let weights = ledgerflow_models::lora::safetensors_bytes(&varmap)?;
+    let hash = ledgerflow_schemas::contribution::keccak256(&weights);
+    let content_hash = ledgerflow_schemas::hex0x::encode(&hash);
+    let id = format!("{datanet}-lora-{}", &hex::encode(hash)[..12]);
+    let dir = format!("models/{id}");
+    let manifest: String = corpus.train_docs.iter().map(|h| format!("{h}\n")).collect();
+    let manifest_hash = ledgerflow_schemas::hex0x::encode(
+        &ledgerflow_schemas::contribution::keccak256(manifest.as_bytes()),
+    );
+    let hyper = serde_json::json!({ "base": base_id, "lora": file.lora, "train": file.train });
+    let mut curve = String::from("step,loss,learning_rate\n");
+    for (s, l, lr) in &report.curve {
+        curve.push_str(&format!("{s},{l},{lr}\n"));
+    }
+    rt.block_on(async {
+        let put = |name: &str, bytes: Vec<u8>| {
+            let path = format!("{dir}/{name}");
+            async move { store.put(&path, Bytes::from(bytes)).await }
+        };
+        put("adapter_model.safetensors", weights).await?;
+        put(
+            "adapter_config.json",
+            serde_json::to_vec_pretty(&file.lora.peft_json(base_id))?,
+        )
+        .await?;
+        put("config.json", serde_json::to_vec_pretty(&hyper)?).await?;
+        put("training_contributions.txt", manifest.into_bytes()).await?;
+        put("loss_curve.csv", curve.into_bytes()).await?;
+        put("loss_curve.png", crate::chart::loss_png(&report.curve)?).await?;
+        anyhow::Ok(())
+    })?;
+    let artifact_uri = format!("{}{dir}/adapter_model.safetensors", store.url());
+    register(
+        rt,
+        store,
+        &Registered {
+            id: &id,
+            kind: "adapter",
+            parent: Some(base_id),
             datanet,
             manifest: &format!("{dir}/training_contributions.txt"),
             manifest_hash: &manifest_hash,
@@ -154,6 +402,8 @@ pub fn candle_device() -> Result<candle_core::Device> {
 
 struct Registered<'a> {
     id: &'a str,
+    kind: &'a str,
+    parent: Option<&'a str>,
     datanet: &'a str,
     manifest: &'a str,
     manifest_hash: &'a str,
@@ -173,8 +423,8 @@ fn register(rt: &tokio::runtime::Runtime, store: &Store, r: &Registered<'_>) -> 
     let f = |v: f64| -> ArrayRef { Arc::new(Float64Array::from(vec![v])) };
     let columns: Vec<ArrayRef> = vec![
         s(r.id),
-        s("base"),
-        Arc::new(StringArray::from(vec![None::<&str>])),
+        s(r.kind),
+        Arc::new(StringArray::from(vec![r.parent])),
         s(r.datanet),
         s(r.manifest),
         s(r.manifest_hash),
