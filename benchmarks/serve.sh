@@ -60,8 +60,11 @@ one=$("$py" benchmarks/serve_load.py "$addr" "$out/one.txt" --requests "$n" --cl
 zipf=$("$py" benchmarks/serve_load.py "$addr" "$out/fleet.txt" --requests "$n" --clients "$c" --max-tokens "$t" --zipf 1.1)
 curl -s "http://$addr/metrics" > "$out/metrics.txt"
 kill $pid; wait $pid 2>/dev/null || true
-# Memory: all 1,000 resident (budget for all), RSS before and after touching each once.
+# Memory: all 1,000 resident (budget for all), RSS before (request path warmed on the base
+# model) and after touching each adapter once.
 serve_and_load 4096
+echo "$base" > "$out/base.txt"
+"$py" benchmarks/serve_load.py "$addr" "$out/base.txt" --requests 200 --clients 1 --max-tokens 1 > /dev/null  # warm the request path
 before=$(rss_kb $pid)
 for i in $(seq -f %04g 0 999); do
   curl -sf -o /dev/null -H 'Content-Type: application/json' \

@@ -299,15 +299,21 @@ fn step(model: &Transformer, device: &Device, running: &mut [Running]) -> Result
             }
         }
     }
-    let mut rows = Rows::base();
-    for (a, idx) in &groups {
-        let idx = if idx.len() == n {
-            None
-        } else {
-            Some(Tensor::from_vec(idx.clone(), idx.len(), device)?)
-        };
-        rows.groups.push((a.as_ref() as &dyn LowRank, idx));
-    }
+    let per_row: Vec<Option<Arc<Adapter>>> =
+        running.iter().map(|r| r.req.adapter.clone()).collect();
+    let rows = match groups.as_slice() {
+        [] => Rows::base(),
+        [(a, idx)] if idx.len() == n => Rows::all(a.as_ref() as &dyn LowRank),
+        _ => Rows {
+            groups: vec![],
+            per_row: Some(
+                per_row
+                    .iter()
+                    .map(|a| a.as_deref().map(|a| a as &dyn LowRank))
+                    .collect(),
+            ),
+        },
+    };
     let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|r| &mut r.cache).collect();
     let logits = model.forward_cached(&tokens, &mut caches, &rows)?;
     let logits = logits.to_vec2::<f32>()?;
@@ -353,7 +359,7 @@ mod tests {
     /// An adapter with random (non-zero) `B`, loaded back from its PEFT safetensors.
     fn adapter(m: &Transformer, seed: u64, targets: &[&str]) -> Arc<Adapter> {
         let lc = LoraConfig {
-            rank: 4,
+            rank: if seed % 2 == 0 { 2 } else { 4 },
             alpha: 8.0,
             targets: targets.iter().map(|t| t.to_string()).collect(),
         };
@@ -421,11 +427,24 @@ mod tests {
             let t = Tensor::from_vec(toks, (3, 1), &Device::Cpu).unwrap();
             let i0 = Tensor::from_vec(vec![0u32], 1, &Device::Cpu).unwrap();
             let i1 = Tensor::from_vec(vec![1u32], 1, &Device::Cpu).unwrap();
-            let rows = Rows {
-                groups: vec![
-                    (a1.as_ref() as &dyn LowRank, Some(i0)),
-                    (a2.as_ref() as &dyn LowRank, Some(i1)),
-                ],
+            let rows = if back == 2 {
+                Rows {
+                    groups: vec![
+                        (a1.as_ref() as &dyn LowRank, Some(i0)),
+                        (a2.as_ref() as &dyn LowRank, Some(i1)),
+                    ],
+                    per_row: None,
+                }
+            } else {
+                // The batched form, with different ranks and targets per row.
+                Rows {
+                    groups: vec![],
+                    per_row: Some(vec![
+                        Some(a1.as_ref() as &dyn LowRank),
+                        Some(a2.as_ref() as &dyn LowRank),
+                        None,
+                    ]),
+                }
             };
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             let l = m

@@ -188,8 +188,8 @@ impl Adapter {
             pairs.insert(
                 path.clone(),
                 LoraPair {
-                    a: a.as_tensor().clone(),
-                    b: b.as_tensor().clone(),
+                    at: a.as_tensor().t()?,
+                    bt: b.as_tensor().t()?,
                     scale: cfg.scale(),
                 },
             );
@@ -211,36 +211,56 @@ impl Adapter {
         device: &Device,
     ) -> Result<Self> {
         cfg.check().map_err(candle_core::Error::msg)?;
-        let mut tensors: BTreeMap<String, Tensor> =
-            candle_core::safetensors::load_buffer(bytes, device)?
-                .into_iter()
-                .collect();
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| candle_core::Error::msg(format!("the adapter's safetensors: {e}")))?;
+        let mut tensors: BTreeMap<String, safetensors::tensor::TensorView<'_>> =
+            st.tensors().into_iter().collect();
         let mut pairs = HashMap::new();
         for (path, inp, out) in model.projections() {
             if !cfg.targets_path(&path) {
                 continue;
             }
-            let mut take = |which: char, shape: (usize, usize)| -> Result<Tensor> {
+            // Each matrix read straight into its transposed, scaled serving form (one
+            // allocation each: resident memory stays at the tensor bytes).
+            let mut take = |which: char,
+                            (rows, cols): (usize, usize),
+                            scale: f64|
+             -> Result<Tensor> {
                 let name = peft_name(&path, which);
-                let t = tensors
+                let view = tensors
                     .remove(&name)
-                    .ok_or_else(|| candle_core::Error::msg(format!("the adapter has no {name}")))?
-                    .to_dtype(DType::F32)?;
-                if t.dims2()? != shape {
-                    candle_core::bail!("{name} is {:?}, expected {shape:?}", t.dims());
+                    .ok_or_else(|| candle_core::Error::msg(format!("the adapter has no {name}")))?;
+                if view.shape() != [rows, cols] {
+                    candle_core::bail!("{name} is {:?}, expected {:?}", view.shape(), [rows, cols]);
                 }
-                Ok(t)
+                let data = view.data();
+                let value = |i: usize| -> Result<f32> {
+                    Ok(match view.dtype() {
+                        safetensors::Dtype::F32 => {
+                            f32::from_le_bytes(data[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+                        }
+                        safetensors::Dtype::F16 => half::f16::from_le_bytes(
+                            data[2 * i..2 * i + 2].try_into().expect("2 bytes"),
+                        )
+                        .to_f32(),
+                        safetensors::Dtype::BF16 => half::bf16::from_le_bytes(
+                            data[2 * i..2 * i + 2].try_into().expect("2 bytes"),
+                        )
+                        .to_f32(),
+                        d => candle_core::bail!("{name} is {d:?}; F32, F16 or BF16 expected"),
+                    })
+                };
+                let mut t = Vec::with_capacity(rows * cols);
+                for c in 0..cols {
+                    for r in 0..rows {
+                        t.push(value(r * cols + c)? * scale as f32);
+                    }
+                }
+                Tensor::from_vec(t, (cols, rows), device)
             };
-            let a = take('A', (cfg.rank, inp))?;
-            let b = take('B', (out, cfg.rank))?;
-            pairs.insert(
-                path,
-                LoraPair {
-                    a,
-                    b,
-                    scale: cfg.scale(),
-                },
-            );
+            let at = take('A', (cfg.rank, inp), 1.0)?;
+            let bt = take('B', (out, cfg.rank), cfg.scale())?;
+            pairs.insert(path, LoraPair { at, bt, scale: 1.0 });
         }
         if let Some(name) = tensors.keys().next() {
             candle_core::bail!("the adapter has a tensor the model has no place for: {name}");
@@ -255,7 +275,7 @@ impl Adapter {
     pub fn tensor_bytes(&self) -> usize {
         self.pairs
             .values()
-            .map(|p| (p.a.elem_count() + p.b.elem_count()) * p.a.dtype().size_in_bytes())
+            .map(|p| (p.at.elem_count() + p.bt.elem_count()) * p.at.dtype().size_in_bytes())
             .sum()
     }
 

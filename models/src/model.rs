@@ -197,6 +197,12 @@ impl Proj {
     /// its rows.
     fn forward(&self, x: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
         let mut y = self.linear.forward(x)?;
+        if let Some(per_row) = &rows.per_row {
+            if let Some(d) = self.gathered_delta(x, per_row)? {
+                y = (y + d)?;
+            }
+            return Ok(y);
+        }
         for (adapter, idx) in &rows.groups {
             let Some(pair) = adapter.pair(&self.path) else {
                 continue;
@@ -213,19 +219,88 @@ impl Proj {
     }
 }
 
-/// One low-rank pair of an adapter: `ΔW = scale · B·A` with `A` `[rank, in]` and `B`
-/// `[out, rank]`.
+impl Proj {
+    /// Every row's own low-rank product in two batched matmuls (the BGMV of Punica/S-LoRA):
+    /// each row's `Aᵀ` and `scale·Bᵀ` stacked into `[batch, in, r]` and `[batch, r, out]`,
+    /// zeros for rows without a pair here, ranks padded to the widest.
+    fn gathered_delta(
+        &self,
+        x: &Tensor,
+        per_row: &[Option<&dyn LowRank>],
+    ) -> Result<Option<Tensor>> {
+        let pairs: Vec<Option<&LoraPair>> = per_row
+            .iter()
+            .map(|a| a.and_then(|a| a.pair(&self.path)))
+            .collect();
+        let Some(rank) = pairs.iter().flatten().map(|p| p.rank()).max() else {
+            return Ok(None);
+        };
+        let (out, inp) = self.linear.weight().dims2()?;
+        let (mut at, mut bt) = (
+            Vec::with_capacity(pairs.len()),
+            Vec::with_capacity(pairs.len()),
+        );
+        for p in &pairs {
+            match p {
+                Some(p) => {
+                    let r = p.rank();
+                    let (a, b) = if p.scale == 1.0 {
+                        (p.at.clone(), p.bt.clone())
+                    } else {
+                        (p.at.clone(), (&p.bt * p.scale)?)
+                    };
+                    if r == rank {
+                        at.push(a);
+                        bt.push(b);
+                    } else {
+                        at.push(a.pad_with_zeros(1, 0, rank - r)?);
+                        bt.push(b.pad_with_zeros(0, 0, rank - r)?);
+                    }
+                }
+                None => {
+                    at.push(Tensor::zeros((inp, rank), x.dtype(), x.device())?);
+                    bt.push(Tensor::zeros((rank, out), x.dtype(), x.device())?);
+                }
+            }
+        }
+        let at = Tensor::stack(&at, 0)?;
+        let bt = Tensor::stack(&bt, 0)?;
+        Ok(Some(x.matmul(&at)?.matmul(&bt)?))
+    }
+}
+
+/// One low-rank pair of an adapter, `ΔW = scale · B·A` (`A` `[rank, in]`, `B` `[out, rank]`),
+/// kept as `Aᵀ` `[in, rank]` and `Bᵀ` `[rank, out]` so `x·ΔWᵀ = scale · (x·Aᵀ)·Bᵀ`. While
+/// training they are transposed views of the variables (gradients flow, updates show); a served
+/// adapter holds them contiguous with the scale folded into `Bᵀ` (`scale` 1).
 #[derive(Clone)]
 pub struct LoraPair {
-    pub a: Tensor,
-    pub b: Tensor,
+    pub at: Tensor,
+    pub bt: Tensor,
     pub scale: f64,
 }
 
 impl LoraPair {
+    /// A pair for serving from PEFT's `A` and `B`.
+    pub fn serving(a: &Tensor, b: &Tensor, scale: f64) -> Result<Self> {
+        Ok(Self {
+            at: a.t()?.contiguous()?,
+            bt: (b.t()? * scale)?.contiguous()?,
+            scale: 1.0,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.at.dims()[1]
+    }
+
     fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let h = x.broadcast_matmul(&self.a.t()?)?;
-        h.broadcast_matmul(&self.b.t()?)? * self.scale
+        let d = x.broadcast_matmul(&self.at)?.broadcast_matmul(&self.bt)?;
+        if self.scale == 1.0 {
+            Ok(d)
+        } else {
+            d * self.scale
+        }
     }
 }
 
@@ -236,9 +311,13 @@ pub trait LowRank {
 
 /// Which adapter each row of a batch uses: groups of (adapter, row indices `u32`), `None` for
 /// every row. Rows in no group run on the base model alone.
+///
+/// Or, with `per_row`, each row's adapter (`None`: the base alone): every adapter's product then
+/// runs in two batched matmuls over the whole batch whatever the number of adapters.
 #[derive(Default)]
 pub struct Rows<'a> {
     pub groups: Vec<(&'a dyn LowRank, Option<Tensor>)>,
+    pub per_row: Option<Vec<Option<&'a dyn LowRank>>>,
 }
 
 impl<'a> Rows<'a> {
@@ -250,6 +329,7 @@ impl<'a> Rows<'a> {
     pub fn all(adapter: &'a dyn LowRank) -> Self {
         Self {
             groups: vec![(adapter, None)],
+            per_row: None,
         }
     }
 }
