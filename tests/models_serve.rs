@@ -658,3 +658,78 @@ fn train_base_and_adapters_then_serve_them_with_attribution() {
     assert!(total("resident") <= 101.0);
     assert!(metrics.contains("ledgerflow_request_errors_total 0"));
 }
+
+/// `jobs/models.yaml` as shipped (fewer steps): a base and an adapter trained and registered,
+/// then the registry served until `SERVE_SECONDS`.
+#[test]
+fn the_models_job_trains_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    run_ok(
+        ledgerflow()
+            .args(["quickstart", "--count", "200", "--store"])
+            .arg(&store),
+    );
+    run_ok(
+        ledgerflow()
+            .args(["run", "jobs/index.yaml", "--store"])
+            .arg(&store)
+            .env("DATANET", "legal"),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = ledgerflow()
+        .args(["run", "jobs/models.yaml", "--store"])
+        .arg(&store)
+        .env("TRAIN_STEPS", "30")
+        .env("ADAPTER_STEPS", "10")
+        .env("SERVE_PORT", port.to_string())
+        .env("SERVE_SECONDS", "60")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut report = String::new();
+    out.read_line(&mut report).unwrap();
+    let report: Value = serde_json::from_str(&report).unwrap_or_else(|e| panic!("{report:?}: {e}"));
+    let models = report["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2, "{report}");
+    assert_eq!(
+        (models[0]["stage"].as_str(), models[0]["kind"].as_str()),
+        (Some("base"), Some("base"))
+    );
+    assert_eq!(models[1]["kind"], "adapter");
+    assert_eq!(models[1]["parent"], models[0]["id"]);
+    let mut listening = String::new();
+    out.read_line(&mut listening).unwrap();
+    assert!(
+        listening.starts_with(&format!("listening on http://127.0.0.1:{port}")),
+        "{listening}"
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let listed: Value =
+        serde_json::from_str(&http(&addr, "GET", "/v1/models", None, None).1).unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed}");
+    let r = post(
+        &addr,
+        "/v1/completions",
+        json!({ "model": models[1]["id"], "prompt": "The parties", "max_tokens": 8, "temperature": 0 }),
+    );
+    assert_eq!(r["attribution"]["generation"], models[1]["content_hash"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let rows = sql(
+        &store,
+        "SELECT kind, count(*) AS n FROM models GROUP BY kind ORDER BY kind",
+    );
+    assert_eq!(
+        rows,
+        vec![
+            json!({"kind": "adapter", "n": 1}),
+            json!({"kind": "base", "n": 1})
+        ]
+    );
+}

@@ -185,12 +185,242 @@ pub fn tokenized_schema() -> SchemaRef {
     TOKENIZED.clone()
 }
 
+/// The `train` stage: a base model trained from scratch on its input `datanet` source, or a
+/// LoRA adapter of its input `train` stage's model.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainStageConfig {
+    /// For an adapter: the Datanet it learns (default: its base's Datanet).
+    #[serde(default)]
+    pub datanet: Option<String>,
+    /// Model sizes (a base model; an adapter takes its base's).
+    #[serde(default)]
+    pub model: ledgerflow_models::ModelConfig,
+    #[serde(default)]
+    pub train: ledgerflow_models::TrainConfig,
+    /// Rank, alpha and targets (an adapter).
+    #[serde(default)]
+    pub lora: ledgerflow_models::LoraConfig,
+}
+
+impl TrainStageConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(d) = &self.datanet {
+            DatanetSourceConfig { datanet: d.clone() }.check()?;
+        }
+        if self.train.steps == 0 || self.train.batch_size == 0 || self.train.seq_len == 0 {
+            return Err(
+                "train.steps, train.batch_size and train.seq_len must be at least 1".into(),
+            );
+        }
+        if self.train.seq_len > self.model.max_seq_len {
+            return Err(format!(
+                "train.seq_len {} is longer than model.max_seq_len {}",
+                self.train.seq_len, self.model.max_seq_len
+            ));
+        }
+        let sized = ledgerflow_models::ModelConfig {
+            vocab_size: 1,
+            ..self.model.clone()
+        };
+        sized.check().map_err(|e| format!("model: {e}"))?;
+        self.lora.check()
+    }
+
+    fn file(&self) -> crate::train::TrainFile {
+        crate::train::TrainFile {
+            model: self.model.clone(),
+            train: self.train.clone(),
+            lora: self.lora.clone(),
+        }
+    }
+}
+
+/// The `serve` sink: `ledgerflow serve` over the registry once the job's models are trained.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSinkConfig {
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Memory for resident adapters' tensors, in MiB.
+    #[serde(default = "default_budget")]
+    pub adapter_budget_mib: usize,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Stop after this many seconds (0, the default: until ctrl-c).
+    #[serde(default)]
+    pub for_seconds: u64,
+}
+
+fn default_port() -> u16 {
+    8000
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_budget() -> usize {
+    256
+}
+fn default_max_batch() -> usize {
+    32
+}
+
+impl ServeSinkConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_batch == 0 || self.adapter_budget_mib == 0 {
+            return Err("max_batch and adapter_budget_mib must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// Whether `built` is a node of a batch job.
 pub fn is_batch(built: &Built) -> bool {
     matches!(
         built,
-        Built::DatanetSource(_) | Built::Tokenize(_) | Built::TokenIndex(_)
+        Built::DatanetSource(_)
+            | Built::Tokenize(_)
+            | Built::TokenIndex(_)
+            | Built::Train(_)
+            | Built::Serve(_)
     )
+}
+
+/// Whether a batch job trains or serves models.
+pub fn is_models_job(spec: &JobSpec) -> bool {
+    spec.nodes
+        .iter()
+        .any(|n| matches!(n.built, Built::Train(_) | Built::Serve(_)))
+}
+
+/// Runs a models job once: every `train` stage in order (a base on its `datanet` source, an
+/// adapter of its upstream `train`), then the `serve` sink if any. Returns the trained models.
+pub fn run_models_job(
+    spec: &JobSpec,
+    store: &ledgerflow_store::Store,
+    rt: &tokio::runtime::Runtime,
+    progress: bool,
+) -> Result<serde_json::Value> {
+    if spec
+        .nodes
+        .iter()
+        .any(|n| matches!(n.built, Built::Tokenize(_) | Built::TokenIndex(_)))
+    {
+        bail!(
+            "{}: index and train in separate jobs (run the index job first: `train` reads its tokens)",
+            spec.file
+        );
+    }
+    let index: std::collections::HashMap<&str, usize> = spec
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    // (model id, Datanet) of each node done.
+    let mut done: Vec<Option<(String, String)>> = vec![None; spec.nodes.len()];
+    let mut trained = Vec::new();
+    let mut serve = None;
+    let mut remaining: Vec<usize> = (0..spec.nodes.len()).collect();
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        let mut next = Vec::new();
+        for i in remaining {
+            let n = &spec.nodes[i];
+            let ups: Vec<usize> = n
+                .inputs
+                .iter()
+                .filter_map(|(x, _)| index.get(x.as_str()).copied())
+                .collect();
+            if ups.iter().any(|&u| done[u].is_none()) {
+                next.push(i);
+                continue;
+            }
+            match &n.built {
+                Built::DatanetSource(c) => done[i] = Some((String::new(), c.datanet.clone())),
+                Built::Train(c) => {
+                    let (up_id, up_datanet) = done[ups[0]].clone().expect("done");
+                    let mut shown = std::time::Instant::now();
+                    let name = n.name.clone();
+                    let mut bar = |step: usize, steps: usize, loss: f64, tps: f64, left: f64| {
+                        if progress && (shown.elapsed().as_millis() > 500 || step == steps) {
+                            shown = std::time::Instant::now();
+                            eprintln!("{name}: step {step}/{steps} loss {loss:.4} {tps:.0} tokens/s ETA {left:.0}s");
+                        }
+                    };
+                    let t = if up_id.is_empty() {
+                        crate::train::train_base(rt, store, &up_datanet, &c.file(), &mut bar)?
+                    } else {
+                        let datanet = c.datanet.clone().unwrap_or(up_datanet.clone());
+                        crate::train::train_adapter(
+                            rt,
+                            store,
+                            &datanet,
+                            &up_id,
+                            &c.file(),
+                            &mut bar,
+                        )?
+                    };
+                    let datanet = c.datanet.clone().unwrap_or(up_datanet);
+                    trained.push(serde_json::json!({
+                        "stage": n.name, "id": t.id, "kind": if up_id.is_empty() { "base" } else { "adapter" },
+                        "parent": if up_id.is_empty() { None } else { Some(up_id.clone()) },
+                        "datanet": datanet, "content_hash": t.content_hash,
+                        "val_perplexity": t.report.val_perplexity,
+                        "unigram_perplexity": t.report.unigram_perplexity,
+                        "base_perplexity": t.report.base_perplexity,
+                        "tokens_per_second": t.report.tokens_per_second,
+                    }));
+                    done[i] = Some((t.id, datanet));
+                }
+                Built::Serve(c) => {
+                    serve = Some(c.clone());
+                    done[i] = Some((String::new(), String::new()));
+                }
+                _ => bail!("{}: `{}` cannot run in a models job", spec.file, n.name),
+            }
+        }
+        if next.len() == before {
+            bail!("{}: the job's nodes form a cycle", spec.file);
+        }
+        remaining = next;
+    }
+    let report = serde_json::json!({ "job": spec.header.name, "models": trained });
+    if let Some(c) = serve {
+        println!("{report}");
+        rt.block_on(async {
+            let opts = crate::serve::ServeOptions {
+                listen: format!("{}:{}", c.host, c.port),
+                api_key: std::env::var("LEDGERFLOW_API_KEY").ok(),
+                adapter_budget_bytes: c.adapter_budget_mib << 20,
+                max_batch: c.max_batch,
+                attribution: true,
+                kafka: None,
+            };
+            let (server, handle) = crate::serve::start(
+                store.clone(),
+                opts,
+                crate::serve::until(
+                    (c.for_seconds > 0).then(|| std::time::Duration::from_secs(c.for_seconds)),
+                ),
+            )
+            .await?;
+            println!(
+                "listening on http://{} ({} models: {})",
+                server.addr,
+                server.models.len(),
+                server.models.join(", ")
+            );
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            handle.await?;
+            anyhow::Ok(())
+        })?;
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(report)
 }
 
 /// Whether the job is a batch job (its source is a `datanet`).

@@ -942,6 +942,18 @@ fn real_main(command: Command) -> Result<i32> {
                 .unwrap_or_else(|| "./data".into());
             let store = Store::open(&store_url)?;
             let rt = io_runtime()?;
+            if ledgerflow::batch::is_models_job(&spec) {
+                let show = match progress.as_str() {
+                    "always" => true,
+                    "never" => false,
+                    _ => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                };
+                let report = ledgerflow::batch::run_models_job(&spec, &store, &rt, show)?;
+                if !report.is_null() {
+                    println!("{report}");
+                }
+                return Ok(0);
+            }
             if ledgerflow::batch::is_batch_job(&spec) {
                 let report = rt.block_on(ledgerflow::batch::run_index_job(&spec, &store))?;
                 println!("{}", serde_json::to_string(&report)?);

@@ -115,7 +115,7 @@ impl Plan {
                         "`{}` ({}) cannot run in a batch job: the source `{}` is a datanet",
                         node.name, node.kind, src.name
                     ),
-                    Some("a batch job is a `datanet` source, a `tokenize` stage and a `token_index` sink".into()),
+                    Some("a batch job is a `datanet` source, then `tokenize` and a `token_index` sink, or `train` stages and a `serve` sink".into()),
                 ));
             }
         } else {
@@ -204,6 +204,22 @@ impl Plan {
                     )
                     .map(|()| want)
                 }
+                Built::Train(_) => {
+                    let model = ledgerflow_schemas::tables::model_schema();
+                    let from_datanet = requires(&contribution_schema(), &inputs, "");
+                    let from_model = requires(&model, &inputs, "");
+                    if inputs.len() == 1 && (from_datanet.is_ok() || from_model.is_ok()) {
+                        Ok(model)
+                    } else {
+                        Err("`train` takes one input: a `datanet` source (a base model) or another `train` stage (an adapter of its model)".to_string())
+                    }
+                }
+                Built::Serve(_) => requires(
+                    &ledgerflow_schemas::tables::model_schema(),
+                    &inputs,
+                    "a serve sink takes models (from `train` stages)",
+                )
+                .map(|()| ledgerflow_schemas::tables::model_schema()),
                 Built::Stage(f) => f.output_schema(&inputs),
                 Built::Datanet(c) => {
                     let want = c.input_schema();

@@ -43,6 +43,9 @@ pub enum Built {
     DatanetSource(crate::batch::DatanetSourceConfig),
     Tokenize(crate::batch::TokenizeConfig),
     TokenIndex(crate::batch::TokenIndexConfig),
+    /// Model jobs (see [`crate::batch::run_models_job`]).
+    Train(crate::batch::TrainStageConfig),
+    Serve(crate::batch::ServeSinkConfig),
 }
 
 /// One registered source, stage or sink type.
@@ -159,6 +162,28 @@ static REGISTRY: &[Entry] = &[
             let c: crate::batch::TokenIndexConfig = parse(v)?;
             c.check()?;
             Ok(Built::TokenIndex(c))
+        },
+    },
+    Entry {
+        name: "train",
+        role: Role::Stage,
+        doc: "Batch: trains a base model on its input `datanet` (its `tokens`; run the index job first), or a LoRA adapter of its input `train` stage's model on `datanet`; registers it in `models`.",
+        schema: || schemars::schema_for!(crate::batch::TrainStageConfig),
+        build: |v| {
+            let c: crate::batch::TrainStageConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Train(c))
+        },
+    },
+    Entry {
+        name: "serve",
+        role: Role::Sink,
+        doc: "Batch: serves every model of the registry (its inputs' models included) over the OpenAI-compatible HTTP API, until ctrl-c or `for_seconds`.",
+        schema: || schemars::schema_for!(crate::batch::ServeSinkConfig),
+        build: |v| {
+            let c: crate::batch::ServeSinkConfig = parse(v)?;
+            c.check()?;
+            Ok(Built::Serve(c))
         },
     },
 ];

@@ -174,7 +174,11 @@ impl PartitionPipeline {
                     }
                     Node::Op(op, ctx)
                 }
-                Built::DatanetSource(_) | Built::Tokenize(_) | Built::TokenIndex(_) => {
+                Built::DatanetSource(_)
+                | Built::Tokenize(_)
+                | Built::TokenIndex(_)
+                | Built::Train(_)
+                | Built::Serve(_) => {
                     return Err(RunError::Setup(format!(
                         "`{}` is a batch node; batch jobs run with crate::batch",
                         n.name
