@@ -306,6 +306,7 @@ fn step(model: &Transformer, device: &Device, running: &mut [Running]) -> Result
         [(a, idx)] if idx.len() == n => Rows::all(a.as_ref() as &dyn LowRank),
         _ => Rows {
             groups: vec![],
+            capture: None,
             per_row: Some(
                 per_row
                     .iter()
@@ -434,11 +435,13 @@ mod tests {
                         (a2.as_ref() as &dyn LowRank, Some(i1)),
                     ],
                     per_row: None,
+                    capture: None,
                 }
             } else {
                 // The batched form, with different ranks and targets per row.
                 Rows {
                     groups: vec![],
+                    capture: None,
                     per_row: Some(vec![
                         Some(a1.as_ref() as &dyn LowRank),
                         Some(a2.as_ref() as &dyn LowRank),

@@ -3,8 +3,11 @@
 //! deterministically on CPU for a seed.
 
 pub mod generate;
+pub mod influence;
+pub mod logreg;
 pub mod lora;
 pub mod model;
+pub mod scores;
 pub mod train;
 
 pub use lora::{Adapter, LoraConfig};

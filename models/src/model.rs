@@ -208,6 +208,25 @@ impl Proj {
                 continue;
             };
             y = match idx {
+                None if rows.capture.is_some() => {
+                    // Keep what per-example gradients need: the input, the rank-r activation
+                    // and the low-rank output (whose gradient is the layer's output gradient).
+                    // candle keeps gradients of variables only: a zero variable added to the
+                    // output receives exactly the output's gradient.
+                    let h = x.broadcast_matmul(&pair.at)?;
+                    let d = (h.broadcast_matmul(&pair.bt)? * pair.scale)?;
+                    let probe = candle_core::Var::zeros(d.shape(), d.dtype(), d.device())?;
+                    let probe = probe.as_tensor().clone();
+                    if let Some(c) = &rows.capture {
+                        c.borrow_mut().push(Captured {
+                            path: self.path.clone(),
+                            x: x.clone(),
+                            h: h.clone(),
+                            d: probe.clone(),
+                        });
+                    }
+                    ((y + d)? + probe)?
+                }
                 None => (y + pair.delta(x)?)?,
                 Some(idx) => {
                     let d = pair.delta(&x.index_select(idx, 0)?)?;
@@ -318,6 +337,20 @@ pub trait LowRank {
 pub struct Rows<'a> {
     pub groups: Vec<(&'a dyn LowRank, Option<Tensor>)>,
     pub per_row: Option<Vec<Option<&'a dyn LowRank>>>,
+    /// When set (with one adapter on every row), each adapted projection records its
+    /// [`Captured`] tensors in forward order.
+    pub capture: Option<std::cell::RefCell<Vec<Captured>>>,
+}
+
+/// What an adapted projection saw in one forward pass: its input `x` `[batch, time, in]`, the
+/// rank-r activation `h = x·Aᵀ`, and `d`, a zero variable added to its output
+/// `[batch, time, out]` whose gradient is the output's.
+#[derive(Clone)]
+pub struct Captured {
+    pub path: String,
+    pub x: Tensor,
+    pub h: Tensor,
+    pub d: Tensor,
 }
 
 impl<'a> Rows<'a> {
@@ -330,6 +363,7 @@ impl<'a> Rows<'a> {
         Self {
             groups: vec![(adapter, None)],
             per_row: None,
+            capture: None,
         }
     }
 }
