@@ -246,6 +246,119 @@ mod tests {
         assert_eq!(col, g.grads.dim(1).unwrap());
     }
 
+    /// A planted test: an adapter trained on many documents of one pattern and a single
+    /// document of another; an output that plainly repeats the single document puts it first
+    /// under TracIn over three checkpoints (and under cosine).
+    #[test]
+    fn the_planted_contribution_ranks_first() {
+        use crate::scores;
+        use crate::train::{train_adapter, Corpus, TrainConfig};
+        let cfg = ModelConfig {
+            vocab_size: 32,
+            d_model: 32,
+            n_layers: 1,
+            n_heads: 2,
+            d_ff: 48,
+            max_seq_len: 32,
+            ..Default::default()
+        };
+        let vm = VarMap::new();
+        init_seeded(&vm, &cfg, 1, &Device::Cpu).unwrap();
+        let tensors: std::collections::HashMap<String, Tensor> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let base = Transformer::new(
+            &cfg,
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let mut docs: Vec<Vec<u32>> = (0..30)
+            .map(|_| {
+                let s: u32 = rng.gen_range(0..29);
+                (0..20).map(|k| 1 + (s + k * 7) % 29).collect()
+            })
+            .collect();
+        let planted: Vec<u32> = vec![
+            3, 30, 4, 31, 5, 30, 2, 31, 6, 30, 5, 31, 3, 30, 5, 31, 8, 30, 9, 31,
+        ];
+        docs.insert(17, planted.clone());
+        let corpus = Corpus {
+            train: docs
+                .iter()
+                .flat_map(|d| d.iter().copied().chain([0]))
+                .collect(),
+            val: docs[..5]
+                .iter()
+                .flat_map(|d| d.iter().copied().chain([0]))
+                .collect(),
+            train_docs: (0..docs.len()).map(|i| i.to_string()).collect(),
+            val_docs: vec![],
+        };
+        let tc = TrainConfig {
+            steps: 60,
+            batch_size: 8,
+            seq_len: 16,
+            warmup_steps: 5,
+            learning_rate: 1e-2,
+            eval_windows: 8,
+            checkpoints: 3,
+            ..Default::default()
+        };
+        let lc = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        };
+        let (_, report) = train_adapter(
+            &base,
+            &lc,
+            &tc,
+            &corpus,
+            &Device::Cpu,
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(
+            report.checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![20, 40, 60]
+        );
+        let windows = Tensor::from_vec(docs.concat(), (docs.len(), 20), &Device::Cpu).unwrap();
+        let test = Tensor::from_vec(planted[..13].to_vec(), (1, 13), &Device::Cpu).unwrap();
+        let (mut train_g, mut test_g, mut lrs) = (vec![], vec![], vec![]);
+        for ((_, lr), snap) in report.checkpoints.iter().zip(&report.snapshots) {
+            let adapter = Adapter::from_named(snap, &lc, &base).unwrap();
+            let g = per_example_grads(&base, &adapter, &windows).unwrap();
+            let t = per_example_grads(&base, &adapter, &test).unwrap();
+            train_g.push(
+                project(&g, 512, 3, &Device::Cpu)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+            );
+            test_g.push(
+                project(&t, 512, 3, &Device::Cpu)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+            );
+            lrs.push(*lr);
+        }
+        for s in [
+            scores::tracin(&train_g, &test_g, &lrs),
+            scores::cosine(&train_g, &test_g),
+        ] {
+            let best = (0..docs.len())
+                .max_by(|&a, &b| s[0][a].total_cmp(&s[0][b]))
+                .unwrap();
+            assert_eq!(best, 17, "{:?}", s[0]);
+        }
+    }
+
     /// The projection preserves inner products on average (Johnson–Lindenstrauss) and is the
     /// same for the same seed.
     #[test]

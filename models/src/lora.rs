@@ -271,6 +271,59 @@ impl Adapter {
         })
     }
 
+    /// An adapter of `model` from PEFT-named `A` and `B` tensors (a training snapshot, or
+    /// safetensors read with candle) in its exact form: `Aᵀ`, `Bᵀ` and the scale kept apart,
+    /// so gradients are PEFT's.
+    pub fn from_named(
+        tensors: &[(String, Tensor)],
+        cfg: &LoraConfig,
+        model: &Transformer,
+    ) -> Result<Self> {
+        cfg.check().map_err(candle_core::Error::msg)?;
+        let find = |name: &str| -> Result<&Tensor> {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| candle_core::Error::msg(format!("the adapter has no {name}")))
+        };
+        let mut pairs = HashMap::new();
+        for (path, inp, out) in model.projections() {
+            if !cfg.targets_path(&path) {
+                continue;
+            }
+            let a = find(&peft_name(&path, 'A'))?.to_dtype(DType::F32)?;
+            let b = find(&peft_name(&path, 'B'))?.to_dtype(DType::F32)?;
+            if a.dims2()? != (cfg.rank, inp) || b.dims2()? != (out, cfg.rank) {
+                candle_core::bail!(
+                    "{path}: A {:?} / B {:?} do not fit rank {} of {inp}→{out}",
+                    a.dims(),
+                    b.dims(),
+                    cfg.rank
+                );
+            }
+            pairs.insert(
+                path,
+                LoraPair {
+                    at: a.t()?.contiguous()?,
+                    bt: b.t()?.contiguous()?,
+                    scale: cfg.scale(),
+                },
+            );
+        }
+        if tensors.len() != 2 * pairs.len() {
+            candle_core::bail!(
+                "the adapter has {} tensors for {} targeted projections",
+                tensors.len(),
+                pairs.len()
+            );
+        }
+        Ok(Self {
+            config: cfg.clone(),
+            pairs,
+        })
+    }
+
     /// Bytes of the adapter's tensors.
     pub fn tensor_bytes(&self) -> usize {
         self.pairs

@@ -44,6 +44,10 @@ pub struct TrainConfig {
     /// Validation windows (at most) for the perplexity.
     #[serde(default = "eval_windows")]
     pub eval_windows: usize,
+    /// Snapshots of the trained parameters kept at evenly spaced steps (the last at the final
+    /// step) with their learning rates, for TracIn over checkpoints; 0 keeps none.
+    #[serde(default)]
+    pub checkpoints: usize,
 }
 
 fn steps() -> usize {
@@ -94,6 +98,7 @@ impl Default for TrainConfig {
             seed: seed(),
             val_fraction: val_fraction(),
             eval_windows: eval_windows(),
+            checkpoints: 0,
         }
     }
 }
@@ -166,6 +171,12 @@ pub struct TrainReport {
     pub curve: Vec<(usize, f64, f64)>,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// (step, learning rate) of each snapshot in `snapshots`.
+    #[serde(default)]
+    pub checkpoints: Vec<(usize, f64)>,
+    /// The trained parameters at each checkpoint (name, copy), in `checkpoints` order.
+    #[serde(skip)]
+    pub snapshots: Vec<Vec<(String, Tensor)>>,
 }
 
 /// Progress of one step: (step, steps, loss, tokens per second, seconds left).
@@ -191,7 +202,15 @@ pub fn train(
         VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device),
     )?;
     let loss = |w: &Tensor| model.loss(w);
-    let report = fit(cfg, varmap.all_vars(), tc, corpus, device, progress, &loss)?;
+    let report = fit(
+        cfg,
+        named_vars(&varmap),
+        tc,
+        corpus,
+        device,
+        progress,
+        &loss,
+    )?;
     Ok((varmap, report))
 }
 
@@ -212,7 +231,7 @@ pub fn train_adapter(
     let loss = |w: &Tensor| base.loss_rows(w, &Rows::all(&adapter));
     let mut report = fit(
         &base.cfg,
-        varmap.all_vars(),
+        named_vars(&varmap),
         tc,
         corpus,
         device,
@@ -222,6 +241,15 @@ pub fn train_adapter(
     let (base_loss, _, _) = evaluate(&|w| base.loss(w), &base.cfg, tc, corpus, device)?;
     report.base_perplexity = Some(base_loss.exp());
     Ok((varmap, report))
+}
+
+/// The variables of `varmap` by name, in name order (a fixed order for the optimiser).
+fn named_vars(varmap: &VarMap) -> Vec<(String, candle_core::Var)> {
+    let data = varmap.data().lock().expect("varmap");
+    let mut v: Vec<(String, candle_core::Var)> =
+        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 fn check_sizes(cfg: &ModelConfig, tc: &TrainConfig, corpus: &Corpus) -> candle_core::Result<()> {
@@ -255,13 +283,14 @@ fn check_sizes(cfg: &ModelConfig, tc: &TrainConfig, corpus: &Corpus) -> candle_c
 /// `vars`, warm-up + cosine, global-norm clipping; then the validation report.
 fn fit(
     cfg: &ModelConfig,
-    vars: Vec<candle_core::Var>,
+    named: Vec<(String, candle_core::Var)>,
     tc: &TrainConfig,
     corpus: &Corpus,
     device: &Device,
     progress: Progress<'_>,
     loss_of: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<TrainReport> {
+    let (names, vars): (Vec<String>, Vec<candle_core::Var>) = named.into_iter().unzip();
     let mut opt = AdamW::new(
         vars.clone(),
         ParamsAdamW {
@@ -274,6 +303,7 @@ fn fit(
     let window = tc.seq_len + 1;
     let started = Instant::now();
     let mut curve = Vec::with_capacity(tc.steps);
+    let (mut checkpoints, mut snapshots) = (Vec::new(), Vec::new());
     for step in 0..tc.steps {
         let mut batch = Vec::with_capacity(tc.batch_size * window);
         for _ in 0..tc.batch_size {
@@ -305,6 +335,17 @@ fn fit(
         opt.step(&grads)?;
         let l = loss.to_scalar::<f32>()? as f64;
         curve.push((step, l, lr));
+        let k = tc.checkpoints.min(tc.steps);
+        if k > 0 && (1..=k).any(|c| c * tc.steps / k == step + 1) {
+            checkpoints.push((step + 1, lr));
+            snapshots.push(
+                names
+                    .iter()
+                    .zip(&vars)
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            );
+        }
         let secs = started.elapsed().as_secs_f64();
         let tps = ((step + 1) * tc.batch_size * tc.seq_len) as f64 / secs.max(1e-9);
         let left = secs / (step + 1) as f64 * (tc.steps - step - 1) as f64;
@@ -327,6 +368,8 @@ fn fit(
         curve,
         seconds,
         tokens_per_second: tokens_seen as f64 / seconds.max(1e-9),
+        checkpoints,
+        snapshots,
     })
 }
 
