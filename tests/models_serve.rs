@@ -155,7 +155,7 @@ fn train_base_and_adapters_then_serve_them_with_attribution() {
     std::fs::write(
         &config,
         "model: {d_model: 64, n_layers: 2, n_heads: 4, d_ff: 172, max_seq_len: 128}\n\
-         train: {steps: 60, batch_size: 8, seq_len: 64, learning_rate: 0.005, warmup_steps: 5, eval_windows: 32}\n\
+         train: {steps: 60, batch_size: 8, seq_len: 64, learning_rate: 0.005, warmup_steps: 5, eval_windows: 32, checkpoints: 2}\n\
          lora: {rank: 8, alpha: 16}\n",
     )
     .unwrap();
@@ -225,6 +225,72 @@ fn train_base_and_adapters_then_serve_them_with_attribution() {
     assert!(header
         .get("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")
         .is_some());
+    // Gradient attribution of a1 (two checkpoints): a training contribution's own text puts it
+    // first, under TracIn and cosine; recorded with method `gradient`.
+    let index: Value = serde_json::from_slice(
+        &run_ok(
+            ledgerflow()
+                .args([
+                    "attribution",
+                    "index",
+                    "--adapter",
+                    &a1,
+                    "--k",
+                    "256",
+                    "--store",
+                ])
+                .arg(&store),
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(index["checkpoints"].as_array().unwrap().len(), 2, "{index}");
+    let n = index["contributions"].as_u64().unwrap();
+    assert!(n > 100, "{index}");
+    assert_eq!(index["rows"].as_u64().unwrap(), 2 * n);
+    let manifest =
+        std::fs::read_to_string(store.join(format!("models/{a1}/training_contributions.txt")))
+            .unwrap();
+    let picked = manifest.lines().nth(5).unwrap();
+    let doc = &sql(
+        &store,
+        &format!("SELECT content, contributor FROM legal WHERE content_hash = '{picked}'"),
+    )[0];
+    for method in ["tracin", "cosine"] {
+        let scored: Value = serde_json::from_slice(
+            &run_ok(
+                ledgerflow()
+                    .args([
+                        "attribution",
+                        "score",
+                        "--adapter",
+                        &a1,
+                        "--method",
+                        method,
+                        "--output-id",
+                        &format!("grad-{method}"),
+                        "--text",
+                    ])
+                    .arg(doc["content"].as_str().unwrap())
+                    .arg("--store")
+                    .arg(&store),
+            )
+            .stdout,
+        )
+        .unwrap();
+        let top = &scored["contributions"][0];
+        assert_eq!(top["content_hash"], picked, "{method}: {scored}");
+        let total: f64 = scored["contributions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["score"].as_f64().unwrap())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        assert!(scored["recorded"]["rows"].as_u64().unwrap() > 0);
+    }
+    let rows = sql(&store, "SELECT count(*) AS n FROM attributions WHERE method = 'gradient' AND output_id = 'grad-tracin'");
+    assert!(rows[0]["n"].as_i64().unwrap() > 0);
     let png = std::fs::read(store.join(format!("models/{base}/loss_curve.png"))).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(store.join(format!("models/{base}/tokenizer.json")).exists());

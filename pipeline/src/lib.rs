@@ -9,6 +9,7 @@
 //! - [`epoch`]: reward epochs, from close to settled on the L2 and published to EigenDA.
 //! - [`train`]: base models trained on a Datanet (`ledgerflow-models`, candle) and registered.
 
+pub mod attribution;
 pub mod batch;
 pub mod chart;
 pub mod epoch;

@@ -367,8 +367,13 @@ async fn write_records(store: &Store, batch: &[Record]) -> Result<()> {
             ))
         })
         .collect();
-    crate::tokens::record_attribution_batch(store, &credits, &format!("served-{key}.parquet"))
-        .await?;
+    crate::tokens::record_attribution_batch(
+        store,
+        &credits,
+        "span",
+        &format!("served-{key}.parquet"),
+    )
+    .await?;
     Ok(())
 }
 

@@ -830,15 +830,22 @@ pub async fn record_attributions(
     }
     let id = hex::encode(&ledgerflow_schemas::contribution::keccak256(output_id.as_bytes())[..12]);
     let file = format!("span-{datanet}-{id}.parquet");
-    record_attribution_batch(store, &[(output_id, datanet, result, created_at_ms)], &file).await
+    record_attribution_batch(
+        store,
+        &[(output_id, datanet, result, created_at_ms)],
+        "span",
+        &file,
+    )
+    .await
 }
 
-/// Writes the span credits of several outputs — (output id, Datanet, [`SpanIndex::attribute`]
-/// result, created at) — as `attributions` rows (method `span`) in one file per day named
-/// `file`. Returns the number of rows.
+/// Writes the credits of several outputs — (output id, Datanet, a result with `contributions`
+/// of `content_hash`, `contributor`, `score`, created at) — as `attributions` rows of `method`
+/// (`span`, `gradient`) in one file per day named `file`. Returns the number of rows.
 pub async fn record_attribution_batch(
     store: &ledgerflow_store::Store,
     outputs: &[(&str, &str, &Value, i64)],
+    method_name: &str,
     file: &str,
 ) -> Result<usize> {
     use arrow_array::builder::{
@@ -864,7 +871,7 @@ pub async fn record_attribution_batch(
             dn.append_value(datanet);
             hash.append_value(c["content_hash"].as_str().unwrap_or_default());
             who.append_value(c["contributor"].as_str().unwrap_or_default());
-            method.append_value("span");
+            method.append_value(method_name);
             score.append_value(c["score"].as_f64().unwrap_or(0.0));
             at.append_value(*created_at_ms);
         }

@@ -359,6 +359,17 @@ pub fn train_adapter(
         put("training_contributions.txt", manifest.into_bytes()).await?;
         put("loss_curve.csv", curve.into_bytes()).await?;
         put("loss_curve.png", crate::chart::loss_png(&report.curve)?).await?;
+        // Snapshots for TracIn over checkpoints (`train.checkpoints`).
+        let mut listed = Vec::new();
+        for ((step, lr), snap) in report.checkpoints.iter().zip(&report.snapshots) {
+            let views: Vec<(&str, &candle_core::Tensor)> =
+                snap.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            let bytes = safetensors::serialize(views, None)?;
+            let file = format!("checkpoints/step-{step:08}.safetensors");
+            put(&file, bytes).await?;
+            listed.push(serde_json::json!({ "step": step, "learning_rate": lr, "file": file }));
+        }
+        put("checkpoints.json", serde_json::to_vec_pretty(&listed)?).await?;
         anyhow::Ok(())
     })?;
     let artifact_uri = format!("{}{dir}/adapter_model.safetensors", store.url());

@@ -1,0 +1,466 @@
+//! Gradient attribution over the store: `ledgerflow attribution index` computes, for every
+//! training contribution of a LoRA adapter and every saved checkpoint, the exact per-example
+//! gradient of its loss with respect to the adapter, projected to k dimensions (TRAK), and
+//! writes the `gradients` table; `ledgerflow attribution score` takes a model output's gradient
+//! the same way and scores every contribution (TracIn over checkpoints, or gradient cosine),
+//! keeps the top k, sums per contributor, normalises per output and writes `attributions` rows
+//! with method `gradient`. `ledgerflow attribution eval` measures the methods against
+//! retraining on a logistic-regression model.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, LazyLock};
+
+use anyhow::{bail, Context, Result};
+use arrow::array::AsArray;
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use candle_core::{Device, Tensor};
+use ledgerflow_models::influence::{per_example_grads, project, ExampleGrads};
+use ledgerflow_models::{Adapter, LoraConfig, TrainConfig};
+use ledgerflow_store::Store;
+use serde_json::{json, Value};
+
+use crate::train::{find, load_base, registry, LoadedBase, ModelRow};
+
+/// Name of the engine table of projected gradients.
+pub const GRADIENTS_TABLE: &str = "gradients";
+
+/// The `gradients` table: one row per (contribution, checkpoint) of an adapter, the projected
+/// gradient as a fixed-size list of f32 (k = its length), and the projection's seed.
+pub fn gradient_schema(k: usize) -> SchemaRef {
+    static BASE: LazyLock<Vec<Field>> = LazyLock::new(|| {
+        vec![
+            Field::new("content_hash", DataType::Utf8, false),
+            Field::new("contributor", DataType::Utf8, false),
+            Field::new("datanet", DataType::Utf8, false),
+            Field::new("model", DataType::Utf8, false),
+            Field::new("generation", DataType::Utf8, false),
+            Field::new("checkpoint", DataType::UInt32, false),
+            Field::new("learning_rate", DataType::Float64, false),
+            Field::new("projection_seed", DataType::UInt64, false),
+        ]
+    });
+    let mut fields = BASE.clone();
+    fields.push(Field::new(
+        "gradient",
+        DataType::FixedSizeList(
+            Arc::new(Field::new_list_field(DataType::Float32, false)),
+            k as i32,
+        ),
+        false,
+    ));
+    fields.push(Field::new(
+        "created_at",
+        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        false,
+    ));
+    Arc::new(Schema::new(fields))
+}
+
+/// An adapter ready for gradients: its base, its settings and its checkpoints.
+struct Loaded {
+    row: ModelRow,
+    base: LoadedBase,
+    train: TrainConfig,
+    /// (step, learning rate, adapter in exact form)
+    checkpoints: Vec<(u32, f64, Adapter)>,
+}
+
+async fn load(store: &Store, adapter_id: &str, device: &Device) -> Result<Loaded> {
+    let models = registry(store).await?;
+    let row = find(&models, adapter_id)?.clone();
+    if row.kind != "adapter" {
+        bail!(
+            "`{adapter_id}` is a {} model: gradient attribution runs on LoRA adapters",
+            row.kind
+        );
+    }
+    let parent = row.parent.clone().context("the adapter has no parent")?;
+    let base = load_base(store, find(&models, &parent)?, device).await?;
+    let hyper: Value = serde_json::from_str(&row.hyperparameters)?;
+    let lora: LoraConfig = serde_json::from_value(hyper["lora"].clone())?;
+    let train: TrainConfig = serde_json::from_value(hyper["train"].clone())?;
+    let dir = row.dir();
+    let listed: Vec<Value> = match store.get(&format!("{dir}/checkpoints.json")).await? {
+        Some(b) => serde_json::from_slice(&b)?,
+        None => vec![],
+    };
+    let mut checkpoints = Vec::new();
+    let mut read = |step: u32, lr: f64, bytes: &[u8]| -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = candle_core::safetensors::load_buffer(bytes, device)?
+            .into_iter()
+            .collect();
+        checkpoints.push((step, lr, Adapter::from_named(&tensors, &lora, &base.model)?));
+        Ok(())
+    };
+    if listed.is_empty() {
+        // Only the final weights: one checkpoint at the last step's learning rate.
+        let bytes = store
+            .get(&format!("{dir}/adapter_model.safetensors"))
+            .await?
+            .context("the adapter's weights are not in the store")?;
+        read(
+            train.steps as u32,
+            train.lr_at(train.steps.saturating_sub(1)),
+            &bytes,
+        )?;
+    } else {
+        for c in &listed {
+            let file = c["file"].as_str().context("checkpoints.json: no file")?;
+            let bytes = store
+                .get(&format!("{dir}/{file}"))
+                .await?
+                .with_context(|| format!("{dir}/{file} is not in the store"))?;
+            read(
+                c["step"].as_u64().unwrap_or(0) as u32,
+                c["learning_rate"].as_f64().unwrap_or(0.0),
+                &bytes,
+            )?;
+        }
+    }
+    Ok(Loaded {
+        row,
+        base,
+        train,
+        checkpoints,
+    })
+}
+
+/// A window of `ids` for a gradient: the first `len + 1` tokens (u32).
+fn window(ids: &[u16], len: usize) -> Vec<u32> {
+    ids.iter().take(len + 1).map(|&t| u32::from(t)).collect()
+}
+
+/// Projected per-example gradients of `windows` (any lengths ≥ 2; batched by length) at one
+/// checkpoint: one row per window, in order.
+fn projected(
+    base: &LoadedBase,
+    adapter: &Adapter,
+    windows: &[Vec<u32>],
+    k: usize,
+    seed: u64,
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = vec![Vec::new(); windows.len()];
+    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, w) in windows.iter().enumerate() {
+        by_len.entry(w.len()).or_default().push(i);
+    }
+    for (len, idx) in by_len {
+        for chunk in idx.chunks(batch.max(1)) {
+            let flat: Vec<u32> = chunk.iter().flat_map(|&i| windows[i].clone()).collect();
+            let t = Tensor::from_vec(flat, (chunk.len(), len), device)?;
+            let g: ExampleGrads = per_example_grads(&base.model, adapter, &t)?;
+            let p = project(&g, k, seed, device)?.to_vec2::<f32>()?;
+            for (&i, row) in chunk.iter().zip(p) {
+                out[i] = row;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `ledgerflow attribution index`: the `gradients` rows of every training contribution of
+/// `adapter_id` at every checkpoint.
+pub fn build_index(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    adapter_id: &str,
+    k: usize,
+    seed: u64,
+) -> Result<Value> {
+    if k == 0 {
+        bail!("--k must be at least 1");
+    }
+    let device = crate::train::candle_device()?;
+    let started = std::time::Instant::now();
+    let l = rt.block_on(load(store, adapter_id, &device))?;
+    let manifest = rt
+        .block_on(store.get(&format!("{}/training_contributions.txt", l.row.dir())))?
+        .context("the adapter's training manifest is not in the store")?;
+    let wanted: HashSet<&str> = std::str::from_utf8(&manifest)?.lines().collect();
+    let docs = rt.block_on(datanet_rows(store, &l.row.datanet))?;
+    let docs: Vec<(String, String, Vec<u32>)> = docs
+        .into_iter()
+        .filter(|(h, _, _)| wanted.contains(h.as_str()))
+        .map(|(h, who, text)| {
+            let ids = l.base.tokenizer.encode(&text)?;
+            Ok((h, who, window(&ids, l.train.seq_len)))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|d| d.2.len() >= 2)
+        .collect();
+    if docs.is_empty() {
+        bail!(
+            "none of the adapter's training contributions is in Datanet `{}`",
+            l.row.datanet
+        );
+    }
+    let windows: Vec<Vec<u32>> = docs.iter().map(|d| d.2.clone()).collect();
+    let mut rows: Vec<GradRow> = Vec::new();
+    for (step, lr, adapter) in &l.checkpoints {
+        let g = projected(&l.base, adapter, &windows, k, seed, 32, &device)?;
+        rows.extend(g.into_iter().enumerate().map(|(i, v)| (i, *step, *lr, v)));
+    }
+    let batch = gradient_batch(&l.row, &docs, &rows, k, seed)?;
+    rt.block_on(crate::tokens::put_table_file(
+        store,
+        GRADIENTS_TABLE,
+        &batch,
+        "created_at",
+        &format!("{adapter_id}.parquet"),
+    ))?;
+    Ok(json!({
+        "model": adapter_id,
+        "generation": l.row.content_hash,
+        "contributions": docs.len(),
+        "checkpoints": l.checkpoints.iter().map(|c| json!({"step": c.0, "learning_rate": c.1})).collect::<Vec<_>>(),
+        "k": k,
+        "rows": rows.len(),
+        "seconds": started.elapsed().as_secs_f64(),
+        "gradients_per_second": rows.len() as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    }))
+}
+
+/// A projected gradient: (document index, checkpoint step, learning rate, values).
+type GradRow = (usize, u32, f64, Vec<f32>);
+
+fn gradient_batch(
+    row: &ModelRow,
+    docs: &[(String, String, Vec<u32>)],
+    rows: &[GradRow],
+    k: usize,
+    seed: u64,
+) -> Result<arrow_array::RecordBatch> {
+    use arrow_array::{
+        ArrayRef, FixedSizeListArray, Float32Array, Float64Array, RecordBatch, StringArray,
+        TimestampMillisecondArray, UInt32Array, UInt64Array,
+    };
+    let n = rows.len();
+    let text = |f: &dyn Fn(&GradRow) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let values = Float32Array::from_iter_values(rows.iter().flat_map(|r| r.3.iter().copied()));
+    let list = FixedSizeListArray::try_new(
+        Arc::new(Field::new_list_field(DataType::Float32, false)),
+        k as i32,
+        Arc::new(values),
+        None,
+    )?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let columns: Vec<ArrayRef> = vec![
+        text(&|r| docs[r.0].0.clone()),
+        text(&|r| docs[r.0].1.clone()),
+        text(&|_| row.datanet.clone()),
+        text(&|_| row.id.clone()),
+        text(&|_| row.content_hash.clone()),
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.1))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        Arc::new(UInt64Array::from_iter_values(std::iter::repeat_n(seed, n))),
+        Arc::new(list),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(std::iter::repeat_n(now, n))
+                .with_timezone("UTC"),
+        ),
+    ];
+    Ok(RecordBatch::try_new(gradient_schema(k), columns)?)
+}
+
+/// (content hash, contributor, content) of a Datanet, in Kafka order.
+async fn datanet_rows(store: &Store, datanet: &str) -> Result<Vec<(String, String, String)>> {
+    let ctx = crate::sql::session_with_partitions(store, 1).await?;
+    let sql = format!(
+        "SELECT content_hash, contributor, content FROM \"{}\" ORDER BY kafka_topic, kafka_partition, kafka_offset",
+        datanet.replace('"', "\"\"")
+    );
+    let mut out = Vec::new();
+    for b in ctx.sql(&sql).await?.collect().await? {
+        let cols: Vec<_> = (0..3)
+            .map(|i| arrow::compute::cast(b.column(i), &DataType::Utf8))
+            .collect::<std::result::Result<_, _>>()?;
+        let s: Vec<_> = cols.iter().map(|c| c.as_string::<i32>()).collect();
+        for i in 0..b.num_rows() {
+            out.push((
+                s[0].value(i).to_string(),
+                s[1].value(i).to_string(),
+                s[2].value(i).to_string(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// One indexed gradient.
+struct Indexed {
+    content_hash: String,
+    contributor: String,
+    checkpoint: u32,
+    learning_rate: f64,
+    seed: u64,
+    gradient: Vec<f32>,
+}
+
+async fn read_index(store: &Store, adapter_id: &str, generation: &str) -> Result<Vec<Indexed>> {
+    let ctx = crate::sql::session_with_partitions(store, 1).await?;
+    if !ctx.table_exist(GRADIENTS_TABLE)? {
+        bail!("the store has no `gradients` table: run `ledgerflow attribution index --adapter {adapter_id}` first");
+    }
+    let sql = format!(
+        "SELECT content_hash, contributor, checkpoint, learning_rate, projection_seed, gradient FROM gradients \
+         WHERE model = '{}' AND generation = '{}' ORDER BY checkpoint, content_hash",
+        adapter_id.replace('\'', "''"),
+        generation.replace('\'', "''")
+    );
+    let mut out = Vec::new();
+    for b in ctx.sql(&sql).await?.collect().await? {
+        let hash = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+        let who = arrow::compute::cast(b.column(1), &DataType::Utf8)?;
+        let (hash, who) = (hash.as_string::<i32>(), who.as_string::<i32>());
+        let step = b.column(2).as_primitive::<arrow::datatypes::UInt32Type>();
+        let lr = b.column(3).as_primitive::<arrow::datatypes::Float64Type>();
+        let seed = b.column(4).as_primitive::<arrow::datatypes::UInt64Type>();
+        let grads = b.column(5).as_fixed_size_list();
+        for i in 0..b.num_rows() {
+            let v = grads.value(i);
+            out.push(Indexed {
+                content_hash: hash.value(i).to_string(),
+                contributor: who.value(i).to_string(),
+                checkpoint: step.value(i),
+                learning_rate: lr.value(i),
+                seed: seed.value(i),
+                gradient: v
+                    .as_primitive::<arrow::datatypes::Float32Type>()
+                    .values()
+                    .to_vec(),
+            });
+        }
+    }
+    if out.is_empty() {
+        bail!("no gradients of `{adapter_id}` at generation {generation}: run `ledgerflow attribution index --adapter {adapter_id}`");
+    }
+    Ok(out)
+}
+
+/// How to score an output.
+pub struct ScoreOptions {
+    /// `tracin` or `cosine`.
+    pub method: String,
+    pub top_k: usize,
+    /// Normalised scores below it earn nothing (the attribution threshold).
+    pub threshold: f64,
+}
+
+/// `ledgerflow attribution score`: the contributions behind `text` (a prompt and its output,
+/// as the model saw them) by gradient, as `{contributions: [{content_hash, contributor,
+/// score}], contributors: […]}` with scores normalised to sum to 1.
+pub fn score(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    adapter_id: &str,
+    text: &str,
+    opts: &ScoreOptions,
+) -> Result<Value> {
+    if !matches!(opts.method.as_str(), "tracin" | "cosine") {
+        bail!("--method {} is not one of tracin, cosine", opts.method);
+    }
+    let device = crate::train::candle_device()?;
+    let l = rt.block_on(load(store, adapter_id, &device))?;
+    let index = rt.block_on(read_index(store, adapter_id, &l.row.content_hash))?;
+    let k = index[0].gradient.len();
+    let seed = index[0].seed;
+    let ids = l.base.tokenizer.encode(text)?;
+    // The same window as the training contributions': the first `seq_len + 1` tokens.
+    let max = l.train.seq_len;
+    if ids.len() < 2 {
+        bail!("the text has fewer than two tokens");
+    }
+    let test = vec![window(&ids, max)];
+    // Checkpoint → (learning rate, training rows, test gradient).
+    let mut by_ckpt: BTreeMap<u32, (f64, Vec<&Indexed>)> = BTreeMap::new();
+    for r in &index {
+        by_ckpt
+            .entry(r.checkpoint)
+            .or_insert((r.learning_rate, vec![]))
+            .1
+            .push(r);
+    }
+    let names: Vec<(&str, &str)> = by_ckpt
+        .values()
+        .next()
+        .map(|(_, rows)| {
+            rows.iter()
+                .map(|r| (r.content_hash.as_str(), r.contributor.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (mut train, mut tests, mut lrs) = (vec![], vec![], vec![]);
+    for (step, (lr, rows)) in &by_ckpt {
+        let Some((_, _, adapter)) = l.checkpoints.iter().find(|c| c.0 == *step) else {
+            bail!("the index has checkpoint {step}, which the adapter's files do not");
+        };
+        if rows.len() != names.len() {
+            bail!(
+                "checkpoint {step} has {} rows, not {}",
+                rows.len(),
+                names.len()
+            );
+        }
+        tests.push(projected(&l.base, adapter, &test, k, seed, 1, &device)?);
+        train.push(rows.iter().map(|r| r.gradient.clone()).collect::<Vec<_>>());
+        lrs.push(*lr);
+    }
+    let s = match opts.method.as_str() {
+        "tracin" => ledgerflow_models::scores::tracin(&train, &tests, &lrs),
+        _ => ledgerflow_models::scores::cosine(&train, &tests),
+    };
+    let mut ranked: Vec<(usize, f64)> = s[0]
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked.truncate(opts.top_k);
+    let total: f64 = ranked.iter().map(|r| r.1).sum();
+    let mut contributions: Vec<Value> = Vec::new();
+    let mut per: HashMap<&str, f64> = HashMap::new();
+    if total > 0.0 {
+        let kept: Vec<(usize, f64)> = ranked
+            .iter()
+            .map(|&(i, v)| (i, v / total))
+            .filter(|(_, v)| *v >= opts.threshold)
+            .collect();
+        let kept_total: f64 = kept.iter().map(|r| r.1).sum();
+        for (i, v) in kept {
+            let v = v / kept_total;
+            contributions.push(json!({ "content_hash": names[i].0, "contributor": names[i].1, "score": v, "raw": s[0][i] }));
+            *per.entry(names[i].1).or_default() += v;
+        }
+    }
+    let mut contributors: Vec<(&str, f64)> = per.into_iter().collect();
+    contributors.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+    Ok(json!({
+        "method": opts.method,
+        "model": adapter_id,
+        "generation": l.row.content_hash,
+        "checkpoints": lrs.len(),
+        "k": k,
+        "tokens": test[0].len(),
+        "contributions": contributions,
+        "contributors": contributors.iter().map(|(a, v)| json!({ "contributor": a, "score": v })).collect::<Vec<_>>(),
+    }))
+}
+
+/// `ledgerflow attribution eval`: each method against retraining on logistic regression.
+pub fn eval(train: usize, test: usize, dims: usize, subsets: usize, seed: u64) -> Result<Value> {
+    if train < 10 || test == 0 || dims == 0 || subsets < 2 {
+        bail!("need --train ≥ 10, --test ≥ 1, --dims ≥ 1 and --subsets ≥ 2");
+    }
+    let p = ledgerflow_models::logreg::Problem::generate(train, test, dims, seed);
+    Ok(serde_json::to_value(ledgerflow_models::logreg::evaluate(
+        &p,
+        subsets,
+        seed ^ 1,
+    ))?)
+}
