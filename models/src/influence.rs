@@ -77,27 +77,70 @@ pub fn per_example_grads(
 }
 
 /// TRAK's random projection of per-example gradients to `k` dimensions: `G·P` with `P`'s
-/// entries ±1/√k from a seed, generated block by block (one parameter block at a time), so the
-/// whole `[parameters, k]` matrix never exists. The same seed gives the same projection for
+/// entries ±1/√k from a seed, one matrix per parameter block (so the same block always gets
+/// the same matrix, whatever else is projected). The same seed gives the same projection for
 /// training and test gradients.
-pub fn project(g: &ExampleGrads, k: usize, seed: u64, device: &Device) -> Result<Tensor> {
-    let n = g.grads.dim(0)?;
-    let mut out = Tensor::zeros((n, k), DType::F32, device)?;
-    let mut col = 0;
-    let v = 1.0 / (k as f32).sqrt();
-    for (i, (_, shape)) in g.params.iter().enumerate() {
-        let len: usize = shape.iter().product();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-            seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        );
-        let p: Vec<f32> = (0..len * k)
-            .map(|_| if rng.gen::<bool>() { v } else { -v })
-            .collect();
-        let p = Tensor::from_vec(p, (len, k), device)?;
-        out = (out + g.grads.narrow(1, col, len)?.matmul(&p)?)?;
-        col += len;
+pub struct Projector {
+    k: usize,
+    blocks: Vec<Tensor>,
+}
+
+impl Projector {
+    /// The matrices for the parameter blocks of `g` (generated once, reused for every batch).
+    pub fn new(
+        params: &[(String, Vec<usize>)],
+        k: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let v = 1.0 / (k as f32).sqrt();
+        let blocks = params
+            .iter()
+            .enumerate()
+            .map(|(i, (_, shape))| {
+                let len: usize = shape.iter().product();
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                );
+                let mut p = Vec::with_capacity(len * k);
+                // 64 signs per random word.
+                while p.len() < len * k {
+                    let mut bits: u64 = rng.gen();
+                    for _ in 0..64.min(len * k - p.len()) {
+                        p.push(if bits & 1 == 1 { v } else { -v });
+                        bits >>= 1;
+                    }
+                }
+                Tensor::from_vec(p, (len, k), device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { k, blocks })
     }
-    Ok(out)
+
+    /// `[examples, k]`.
+    pub fn project(&self, g: &ExampleGrads) -> Result<Tensor> {
+        if g.params.len() != self.blocks.len() {
+            candle_core::bail!(
+                "{} parameter blocks for a projector of {}",
+                g.params.len(),
+                self.blocks.len()
+            );
+        }
+        let n = g.grads.dim(0)?;
+        let mut out = Tensor::zeros((n, self.k), DType::F32, g.grads.device())?;
+        let mut col = 0;
+        for p in &self.blocks {
+            let len = p.dim(0)?;
+            out = (out + g.grads.narrow(1, col, len)?.matmul(p)?)?;
+            col += len;
+        }
+        Ok(out)
+    }
+}
+
+/// [`Projector`] for one call.
+pub fn project(g: &ExampleGrads, k: usize, seed: u64, device: &Device) -> Result<Tensor> {
+    Projector::new(&g.params, k, seed, device)?.project(g)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use arrow::array::AsArray;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use candle_core::{Device, Tensor};
-use ledgerflow_models::influence::{per_example_grads, project, ExampleGrads};
+use ledgerflow_models::influence::{per_example_grads, ExampleGrads, Projector};
 use ledgerflow_models::{Adapter, LoraConfig, TrainConfig};
 use ledgerflow_store::Store;
 use serde_json::{json, Value};
@@ -142,6 +142,7 @@ fn projected(
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = vec![Vec::new(); windows.len()];
+    let mut projector: Option<Projector> = None;
     let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, w) in windows.iter().enumerate() {
         by_len.entry(w.len()).or_default().push(i);
@@ -151,7 +152,14 @@ fn projected(
             let flat: Vec<u32> = chunk.iter().flat_map(|&i| windows[i].clone()).collect();
             let t = Tensor::from_vec(flat, (chunk.len(), len), device)?;
             let g: ExampleGrads = per_example_grads(&base.model, adapter, &t)?;
-            let p = project(&g, k, seed, device)?.to_vec2::<f32>()?;
+            if projector.is_none() {
+                projector = Some(Projector::new(&g.params, k, seed, device)?);
+            }
+            let p = projector
+                .as_ref()
+                .expect("set")
+                .project(&g)?
+                .to_vec2::<f32>()?;
             for (&i, row) in chunk.iter().zip(p) {
                 out[i] = row;
             }
