@@ -635,6 +635,41 @@ fn train_base_and_adapters_then_serve_them_with_attribution() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // At epoch close: a1's recorded answers get gradient attributions, once.
+    let run = |args: &[&str]| -> Value {
+        serde_json::from_slice(&run_ok(ledgerflow().args(args).arg("--store").arg(&store)).stdout)
+            .unwrap()
+    };
+    // (a1 answered three: plain, Kafka, streamed; wait until all three are recorded.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql(
+        &store,
+        &format!("SELECT count(*) AS n FROM inferences WHERE model = '{a1}'"),
+    )[0]["n"]
+        != 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a1's inferences not all recorded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let first = run(&["attribution", "inferences", "--adapter", &a1]);
+    assert_eq!(first["inferences"], 3, "{first}");
+    assert!(
+        first["rows"].as_u64().unwrap() >= first["inferences"].as_u64().unwrap(),
+        "{first}"
+    );
+    let again = run(&["attribution", "inferences", "--adapter", &a1]);
+    assert_eq!(again["inferences"], 0, "{again}");
+    let credited = sql(
+        &store,
+        &format!(
+            "SELECT count(*) AS n FROM attributions WHERE method = 'gradient' AND output_id = '{}'",
+            ids[0]
+        ),
+    );
+    assert!(credited[0]["n"].as_i64().unwrap() > 0);
     drop(server);
     drop(broker);
 

@@ -359,9 +359,152 @@ pub struct ScoreOptions {
     pub threshold: f64,
 }
 
-/// `ledgerflow attribution score`: the contributions behind `text` (a prompt and its output,
-/// as the model saw them) by gradient, as `{contributions: [{content_hash, contributor,
-/// score}], contributors: […]}` with scores normalised to sum to 1.
+/// An adapter's gradient index loaded for scoring outputs.
+pub struct Scorer {
+    l: Loaded,
+    device: Device,
+    /// (content hash, contributor) of the index's rows, in row order.
+    names: Vec<(String, String)>,
+    /// Per checkpoint: (step, learning rate, projected training gradients in `names` order).
+    checkpoints: Vec<(u32, f64, Vec<Vec<f32>>)>,
+    k: usize,
+    seed: u64,
+}
+
+impl Scorer {
+    /// Loads `adapter_id`'s checkpoints and its rows of `gradients`.
+    pub fn open(rt: &tokio::runtime::Runtime, store: &Store, adapter_id: &str) -> Result<Self> {
+        let device = crate::train::candle_device()?;
+        let l = rt.block_on(load(store, adapter_id, &device))?;
+        let index = rt.block_on(read_index(store, adapter_id, &l.row.content_hash))?;
+        let (k, seed) = (index[0].gradient.len(), index[0].seed);
+        let mut by_ckpt: BTreeMap<u32, (f64, Vec<Indexed>)> = BTreeMap::new();
+        for r in index {
+            by_ckpt
+                .entry(r.checkpoint)
+                .or_insert((r.learning_rate, vec![]))
+                .1
+                .push(r);
+        }
+        let names: Vec<(String, String)> = by_ckpt
+            .values()
+            .next()
+            .map(|(_, rows)| {
+                rows.iter()
+                    .map(|r| (r.content_hash.clone(), r.contributor.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut checkpoints = Vec::new();
+        for (step, (lr, rows)) in by_ckpt {
+            if !l.checkpoints.iter().any(|c| c.0 == step) {
+                bail!("the index has checkpoint {step}, which the adapter's files do not");
+            }
+            if rows.len() != names.len()
+                || rows.iter().zip(&names).any(|(r, n)| r.content_hash != n.0)
+            {
+                bail!("checkpoint {step} does not cover the same contributions as the others");
+            }
+            checkpoints.push((step, lr, rows.into_iter().map(|r| r.gradient).collect()));
+        }
+        Ok(Self {
+            l,
+            device,
+            names,
+            checkpoints,
+            k,
+            seed,
+        })
+    }
+
+    pub fn generation(&self) -> &str {
+        &self.l.row.content_hash
+    }
+
+    pub fn datanet(&self) -> &str {
+        &self.l.row.datanet
+    }
+
+    /// The contributions behind `text` (a prompt and its output, as the model saw them), as
+    /// `{contributions: [{content_hash, contributor, score}], contributors: […]}` with scores
+    /// normalised to sum to 1.
+    pub fn score(&self, text: &str, opts: &ScoreOptions) -> Result<Value> {
+        if !matches!(opts.method.as_str(), "tracin" | "cosine") {
+            bail!("--method {} is not one of tracin, cosine", opts.method);
+        }
+        let ids = self.l.base.tokenizer.encode(text)?;
+        if ids.len() < 2 {
+            bail!("the text has fewer than two tokens");
+        }
+        // The same window as the training contributions': the first `seq_len + 1` tokens.
+        let test = vec![window(&ids, self.l.train.seq_len)];
+        let (mut train, mut tests, mut lrs) = (vec![], vec![], vec![]);
+        for (step, lr, rows) in &self.checkpoints {
+            let (_, _, adapter) = self
+                .l
+                .checkpoints
+                .iter()
+                .find(|c| c.0 == *step)
+                .expect("checked at open");
+            tests.push(projected(
+                &self.l.base,
+                adapter,
+                &test,
+                self.k,
+                self.seed,
+                1,
+                &self.device,
+            )?);
+            train.push(rows.clone());
+            lrs.push(*lr);
+        }
+        let s = match opts.method.as_str() {
+            "tracin" => ledgerflow_models::scores::tracin(&train, &tests, &lrs),
+            _ => ledgerflow_models::scores::cosine(&train, &tests),
+        };
+        let mut ranked: Vec<(usize, f64)> = s[0]
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ranked.truncate(opts.top_k);
+        let total: f64 = ranked.iter().map(|r| r.1).sum();
+        let mut contributions: Vec<Value> = Vec::new();
+        let mut per: HashMap<&str, f64> = HashMap::new();
+        if total > 0.0 {
+            let kept: Vec<(usize, f64)> = ranked
+                .iter()
+                .map(|&(i, v)| (i, v / total))
+                .filter(|(_, v)| *v >= opts.threshold)
+                .collect();
+            let kept_total: f64 = kept.iter().map(|r| r.1).sum();
+            for (i, v) in kept {
+                let v = v / kept_total;
+                let (hash, who) = &self.names[i];
+                contributions.push(
+                    json!({ "content_hash": hash, "contributor": who, "score": v, "raw": s[0][i] }),
+                );
+                *per.entry(who.as_str()).or_default() += v;
+            }
+        }
+        let mut contributors: Vec<(&str, f64)> = per.into_iter().collect();
+        contributors.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+        Ok(json!({
+            "method": opts.method,
+            "model": self.l.row.id,
+            "generation": self.l.row.content_hash,
+            "checkpoints": lrs.len(),
+            "k": self.k,
+            "tokens": test[0].len(),
+            "contributions": contributions,
+            "contributors": contributors.iter().map(|(a, v)| json!({ "contributor": a, "score": v })).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+/// `ledgerflow attribution score`: [`Scorer::score`] for one text.
 pub fn score(
     rt: &tokio::runtime::Runtime,
     store: &Store,
@@ -369,95 +512,69 @@ pub fn score(
     text: &str,
     opts: &ScoreOptions,
 ) -> Result<Value> {
-    if !matches!(opts.method.as_str(), "tracin" | "cosine") {
-        bail!("--method {} is not one of tracin, cosine", opts.method);
-    }
-    let device = crate::train::candle_device()?;
-    let l = rt.block_on(load(store, adapter_id, &device))?;
-    let index = rt.block_on(read_index(store, adapter_id, &l.row.content_hash))?;
-    let k = index[0].gradient.len();
-    let seed = index[0].seed;
-    let ids = l.base.tokenizer.encode(text)?;
-    // The same window as the training contributions': the first `seq_len + 1` tokens.
-    let max = l.train.seq_len;
-    if ids.len() < 2 {
-        bail!("the text has fewer than two tokens");
-    }
-    let test = vec![window(&ids, max)];
-    // Checkpoint → (learning rate, training rows, test gradient).
-    let mut by_ckpt: BTreeMap<u32, (f64, Vec<&Indexed>)> = BTreeMap::new();
-    for r in &index {
-        by_ckpt
-            .entry(r.checkpoint)
-            .or_insert((r.learning_rate, vec![]))
-            .1
-            .push(r);
-    }
-    let names: Vec<(&str, &str)> = by_ckpt
-        .values()
-        .next()
-        .map(|(_, rows)| {
-            rows.iter()
-                .map(|r| (r.content_hash.as_str(), r.contributor.as_str()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let (mut train, mut tests, mut lrs) = (vec![], vec![], vec![]);
-    for (step, (lr, rows)) in &by_ckpt {
-        let Some((_, _, adapter)) = l.checkpoints.iter().find(|c| c.0 == *step) else {
-            bail!("the index has checkpoint {step}, which the adapter's files do not");
+    Scorer::open(rt, store, adapter_id)?.score(text, opts)
+}
+
+/// `ledgerflow attribution inferences`: every answer of `adapter_id` in `inferences` that has
+/// no `gradient` attribution yet (prompt and output as the model saw them) scored and written
+/// to `attributions` with method `gradient` — what the reward epochs read at epoch close.
+pub fn attribute_inferences(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    adapter_id: &str,
+    opts: &ScoreOptions,
+) -> Result<Value> {
+    let scorer = Scorer::open(rt, store, adapter_id)?;
+    let pending = rt.block_on(async {
+        let ctx = crate::sql::session_with_partitions(store, 1).await?;
+        let done = if ctx.table_exist("attributions")? {
+            "AND request_id NOT IN (SELECT DISTINCT output_id FROM attributions WHERE method = 'gradient')"
+        } else {
+            ""
         };
-        if rows.len() != names.len() {
-            bail!(
-                "checkpoint {step} has {} rows, not {}",
-                rows.len(),
-                names.len()
-            );
+        let sql = format!(
+            "SELECT request_id, prompt, output, CAST(created_at AS BIGINT) AS t FROM inferences \
+             WHERE model = '{}' AND (adapter_generation IS NULL OR adapter_generation = '{}') {done} ORDER BY created_at, request_id",
+            adapter_id.replace('\'', "''"),
+            scorer.generation().replace('\'', "''"),
+        );
+        let mut out = Vec::new();
+        for b in ctx.sql(&sql).await?.collect().await? {
+            let cols: Vec<_> = (0..3)
+                .map(|i| arrow::compute::cast(b.column(i), &DataType::Utf8))
+                .collect::<std::result::Result<_, _>>()?;
+            let s: Vec<_> = cols.iter().map(|c| c.as_string::<i32>()).collect();
+            let t = arrow::compute::cast(b.column(3), &DataType::Int64)?;
+            let t = t.as_primitive::<arrow::datatypes::Int64Type>();
+            for i in 0..b.num_rows() {
+                out.push((s[0].value(i).to_string(), format!("{}{}", s[1].value(i), s[2].value(i)), t.value(i)));
+            }
         }
-        tests.push(projected(&l.base, adapter, &test, k, seed, 1, &device)?);
-        train.push(rows.iter().map(|r| r.gradient.clone()).collect::<Vec<_>>());
-        lrs.push(*lr);
+        anyhow::Ok(out)
+    })?;
+    let mut results = Vec::with_capacity(pending.len());
+    for (id, text, at) in &pending {
+        results.push((id.as_str(), scorer.score(text, opts)?, *at));
     }
-    let s = match opts.method.as_str() {
-        "tracin" => ledgerflow_models::scores::tracin(&train, &tests, &lrs),
-        _ => ledgerflow_models::scores::cosine(&train, &tests),
-    };
-    let mut ranked: Vec<(usize, f64)> = s[0]
+    let datanet = scorer.datanet().to_string();
+    let rows: Vec<(&str, &str, &Value, i64)> = results
         .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, v)| *v > 0.0)
+        .map(|(id, r, at)| (*id, datanet.as_str(), r, *at))
         .collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    ranked.truncate(opts.top_k);
-    let total: f64 = ranked.iter().map(|r| r.1).sum();
-    let mut contributions: Vec<Value> = Vec::new();
-    let mut per: HashMap<&str, f64> = HashMap::new();
-    if total > 0.0 {
-        let kept: Vec<(usize, f64)> = ranked
-            .iter()
-            .map(|&(i, v)| (i, v / total))
-            .filter(|(_, v)| *v >= opts.threshold)
-            .collect();
-        let kept_total: f64 = kept.iter().map(|r| r.1).sum();
-        for (i, v) in kept {
-            let v = v / kept_total;
-            contributions.push(json!({ "content_hash": names[i].0, "contributor": names[i].1, "score": v, "raw": s[0][i] }));
-            *per.entry(names[i].1).or_default() += v;
+    let written = match rows.first() {
+        Some((first, ..)) => {
+            let key =
+                hex::encode(&ledgerflow_schemas::contribution::keccak256(first.as_bytes())[..12]);
+            rt.block_on(crate::tokens::record_attribution_batch(
+                store,
+                &rows,
+                "gradient",
+                &format!("gradient-{adapter_id}-{key}-{}.parquet", rows.len()),
+            ))?
         }
-    }
-    let mut contributors: Vec<(&str, f64)> = per.into_iter().collect();
-    contributors.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
-    Ok(json!({
-        "method": opts.method,
-        "model": adapter_id,
-        "generation": l.row.content_hash,
-        "checkpoints": lrs.len(),
-        "k": k,
-        "tokens": test[0].len(),
-        "contributions": contributions,
-        "contributors": contributors.iter().map(|(a, v)| json!({ "contributor": a, "score": v })).collect::<Vec<_>>(),
-    }))
+        None => 0,
+    };
+    Ok(json!({ "model": adapter_id, "inferences": pending.len(), "rows": written }))
 }
 
 /// `ledgerflow attribution eval`: each method against retraining on logistic regression.

@@ -660,6 +660,20 @@ enum AttributionCommand {
         #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
         store: String,
     },
+    /// Every answer of the adapter in `inferences` without a gradient attribution yet, scored
+    /// and written to `attributions` (method `gradient`); run it before an epoch closes.
+    Inferences {
+        #[arg(long)]
+        adapter: String,
+        #[arg(long, default_value = "tracin")]
+        method: String,
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.0)]
+        threshold: f64,
+        #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
+        store: String,
+    },
     /// Each method against retraining, on an L2 logistic regression small enough to retrain
     /// hundreds of times: leave-one-out Pearson/Spearman and the linear datamodeling score.
     Eval {
@@ -1210,6 +1224,25 @@ fn real_main(command: Command) -> Result<i32> {
                 } => {
                     let r = ledgerflow::attribution::eval(train, test, dims, subsets, seed)?;
                     println!("{}", serde_json::to_string_pretty(&r)?);
+                }
+                AttributionCommand::Inferences {
+                    adapter,
+                    method,
+                    top_k,
+                    threshold,
+                    store,
+                } => {
+                    let store = Store::open(&store)?;
+                    let rt = io_runtime()?;
+                    let opts = ledgerflow::attribution::ScoreOptions {
+                        method,
+                        top_k,
+                        threshold,
+                    };
+                    let r = ledgerflow::attribution::attribute_inferences(
+                        &rt, &store, &adapter, &opts,
+                    )?;
+                    println!("{r}");
                 }
                 AttributionCommand::Index {
                     adapter,
