@@ -11,6 +11,73 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
 }
 
+/// `out[i] = ⟨index row i, query⟩` over a row-major `[rows, k]` f32 index, split across
+/// `threads`: a single pass over the index, eight f32 lanes per row (vectorised), so scoring is
+/// bound by memory bandwidth.
+pub fn dot_rows(index: &[f32], k: usize, query: &[f32], out: &mut [f32], threads: usize) {
+    assert_eq!(query.len(), k);
+    assert_eq!(index.len(), out.len() * k);
+    let rows = out.len();
+    let per = rows.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (chunk, idx) in out.chunks_mut(per).zip(index.chunks(per * k)) {
+            s.spawn(move || {
+                for (o, row) in chunk.iter_mut().zip(idx.chunks_exact(k)) {
+                    *o = dot8(row, query);
+                }
+            });
+        }
+    });
+}
+
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// This machine's read bandwidth in bytes/s: a sum over `buf` with `threads` threads (the same
+/// access pattern as [`dot_rows`] without the multiplications), best of `repeats`.
+pub fn read_bandwidth(buf: &[f32], threads: usize, repeats: usize) -> f64 {
+    let mut best = f64::MAX;
+    let mut sink = 0f32;
+    for _ in 0..repeats {
+        let t = std::time::Instant::now();
+        let per = buf.len().div_ceil(threads.max(1));
+        let sums: Vec<f32> = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(per)
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut acc = [0f32; 8];
+                        for x in c.chunks_exact(8) {
+                            for l in 0..8 {
+                                acc[l] += x[l];
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        sink += sums.iter().sum::<f32>();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    (buf.len() * 4) as f64 / best
+}
+
 /// TracIn (Pruthi et al.): `Σ_c η_c ⟨g_c(train i), g_c(test j)⟩` over checkpoints `c` with
 /// learning rates `η_c`. `train[c][i]` and `test[c][j]` are (projected) gradients.
 pub fn tracin(train: &[Vec<Vec<f32>>], test: &[Vec<Vec<f32>>], lrs: &[f64]) -> Vec<Vec<f64>> {
@@ -180,6 +247,23 @@ fn ranks(v: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_rows_equals_the_plain_dot_product() {
+        let k = 37;
+        let index: Vec<f32> = (0..k * 11)
+            .map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.0)
+            .collect();
+        let query: Vec<f32> = (0..k).map(|i| (i as f32).sin()).collect();
+        for threads in [1, 3, 20] {
+            let mut out = vec![0f32; 11];
+            dot_rows(&index, k, &query, &mut out, threads);
+            for (i, o) in out.iter().enumerate() {
+                let want = dot(&index[i * k..(i + 1) * k], &query);
+                assert!((*o as f64 - want).abs() < 1e-4, "{o} vs {want}");
+            }
+        }
+    }
 
     #[test]
     fn cholesky_solves_and_ranks_correlate() {

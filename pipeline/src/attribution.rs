@@ -365,8 +365,9 @@ pub struct Scorer {
     device: Device,
     /// (content hash, contributor) of the index's rows, in row order.
     names: Vec<(String, String)>,
-    /// Per checkpoint: (step, learning rate, projected training gradients in `names` order).
-    checkpoints: Vec<(u32, f64, Vec<Vec<f32>>)>,
+    /// Per checkpoint: (step, learning rate, projected training gradients in `names` order as
+    /// one row-major `[rows, k]` matrix, their norms).
+    checkpoints: Vec<(u32, f64, Vec<f32>, Vec<f32>)>,
     k: usize,
     seed: u64,
 }
@@ -405,7 +406,12 @@ impl Scorer {
             {
                 bail!("checkpoint {step} does not cover the same contributions as the others");
             }
-            checkpoints.push((step, lr, rows.into_iter().map(|r| r.gradient).collect()));
+            let norms: Vec<f32> = rows
+                .iter()
+                .map(|r| r.gradient.iter().map(|x| x * x).sum::<f32>().sqrt())
+                .collect();
+            let flat: Vec<f32> = rows.into_iter().flat_map(|r| r.gradient).collect();
+            checkpoints.push((step, lr, flat, norms));
         }
         Ok(Self {
             l,
@@ -438,15 +444,20 @@ impl Scorer {
         }
         // The same window as the training contributions': the first `seq_len + 1` tokens.
         let test = vec![window(&ids, self.l.train.seq_len)];
-        let (mut train, mut tests, mut lrs) = (vec![], vec![], vec![]);
-        for (step, lr, rows) in &self.checkpoints {
+        // One pass over each checkpoint's index (bandwidth-bound dot products).
+        let n = self.names.len();
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let mut total = vec![0f64; n];
+        let mut dots = vec![0f32; n];
+        let mut lrs = Vec::new();
+        for (step, lr, flat, norms) in &self.checkpoints {
             let (_, _, adapter) = self
                 .l
                 .checkpoints
                 .iter()
                 .find(|c| c.0 == *step)
                 .expect("checked at open");
-            tests.push(projected(
+            let t = projected(
                 &self.l.base,
                 adapter,
                 &test,
@@ -454,14 +465,18 @@ impl Scorer {
                 self.seed,
                 1,
                 &self.device,
-            )?);
-            train.push(rows.clone());
+            )?;
+            ledgerflow_models::scores::dot_rows(flat, self.k, &t[0], &mut dots, threads);
+            let tn = t[0].iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-30);
+            for i in 0..n {
+                total[i] += match opts.method.as_str() {
+                    "tracin" => lr * dots[i] as f64,
+                    _ => (dots[i] / (norms[i].max(1e-30) * tn)) as f64,
+                };
+            }
             lrs.push(*lr);
         }
-        let s = match opts.method.as_str() {
-            "tracin" => ledgerflow_models::scores::tracin(&train, &tests, &lrs),
-            _ => ledgerflow_models::scores::cosine(&train, &tests),
-        };
+        let s = [total];
         let mut ranked: Vec<(usize, f64)> = s[0]
             .iter()
             .copied()
@@ -575,6 +590,39 @@ pub fn attribute_inferences(
         None => 0,
     };
     Ok(json!({ "model": adapter_id, "inferences": pending.len(), "rows": written }))
+}
+
+/// `ledgerflow attribution bench`: scoring against an index of `rows × k` f32 (one query per
+/// pass) as a fraction of this machine's read bandwidth with the same threads.
+pub fn bench_scoring(rows: usize, k: usize, threads: usize, repeats: usize) -> Result<Value> {
+    let mut x = 0x9e37_79b9u32;
+    let index: Vec<f32> = (0..rows * k)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as f32 / (1 << 24) as f32 - 0.5
+        })
+        .collect();
+    let query: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let bandwidth = ledgerflow_models::scores::read_bandwidth(&index, threads, repeats);
+    let mut out = vec![0f32; rows];
+    let mut best = f64::MAX;
+    for _ in 0..repeats {
+        let t = std::time::Instant::now();
+        ledgerflow_models::scores::dot_rows(&index, k, &query, &mut out, threads);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&out);
+    let bytes = (rows * k * 4) as f64;
+    Ok(json!({
+        "rows": rows, "k": k, "threads": threads, "index_bytes": bytes,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "scoring_seconds": best,
+        "scoring_gb_s": bytes / best / 1e9,
+        "scores_per_second": rows as f64 / best,
+        "fraction_of_bandwidth": bytes / best / bandwidth,
+    }))
 }
 
 /// `ledgerflow attribution eval`: each method against retraining on logistic regression.

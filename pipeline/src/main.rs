@@ -674,6 +674,18 @@ enum AttributionCommand {
         #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
         store: String,
     },
+    /// Scoring speed: dot products over a `rows × k` index against this machine's measured
+    /// read bandwidth (same threads).
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 256)]
+        k: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// Each method against retraining, on an L2 logistic regression small enough to retrain
     /// hundreds of times: leave-one-out Pearson/Spearman and the linear datamodeling score.
     Eval {
@@ -1224,6 +1236,15 @@ fn real_main(command: Command) -> Result<i32> {
                 } => {
                     let r = ledgerflow::attribution::eval(train, test, dims, subsets, seed)?;
                     println!("{}", serde_json::to_string_pretty(&r)?);
+                }
+                AttributionCommand::Bench {
+                    rows,
+                    k,
+                    threads,
+                    repeats,
+                } => {
+                    let r = ledgerflow::attribution::bench_scoring(rows, k, threads, repeats)?;
+                    println!("{r}");
                 }
                 AttributionCommand::Inferences {
                     adapter,
