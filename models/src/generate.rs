@@ -367,7 +367,15 @@ mod tests {
         let vm = VarMap::new();
         Adapter::init(m, &lc, seed, &vm, &Device::Cpu).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        for (name, var) in vm.data().lock().unwrap().iter() {
+        let mut named: Vec<(String, candle_core::Var)> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in &named {
             if name.contains("lora_B") {
                 let n = var.elem_count();
                 let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.3..0.3)).collect();

@@ -188,7 +188,15 @@ mod tests {
         let avm = VarMap::new();
         let adapter = Adapter::init(&base, &lc, 4, &avm, &Device::Cpu).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-        for (name, var) in avm.data().lock().unwrap().iter() {
+        let mut named: Vec<(String, candle_core::Var)> = avm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in &named {
             if name.contains("lora_B") {
                 let v: Vec<f32> = (0..var.elem_count())
                     .map(|_| rng.gen_range(-0.5..0.5))
@@ -399,6 +407,104 @@ mod tests {
                 .max_by(|&a, &b| s[0][a].total_cmp(&s[0][b]))
                 .unwrap();
             assert_eq!(best, 17, "{:?}", s[0]);
+        }
+    }
+
+    /// On small LoRA layers DataInf agrees with the exact inverse of the damped empirical Fisher
+    /// `(G_l + λ_l I)⁻¹` it approximates (DataInf's own reference), layer by layer.
+    #[test]
+    fn datainf_agrees_with_the_exact_inverse_on_small_layers() {
+        use crate::scores;
+        let (base, _, _, _) = setup();
+        let lc = LoraConfig {
+            rank: 1,
+            alpha: 1.0,
+            targets: vec!["q_proj".into(), "down_proj".into()],
+        };
+        let avm = VarMap::new();
+        let adapter = Adapter::init(&base, &lc, 6, &avm, &Device::Cpu).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let mut named: Vec<(String, candle_core::Var)> = avm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in &named {
+            if name.contains("lora_B") {
+                let v: Vec<f32> = (0..var.elem_count())
+                    .map(|_| rng.gen_range(-0.5..0.5))
+                    .collect();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let (n, m) = (96, 6);
+        let windows = Tensor::from_vec(
+            (0..(n + m) * 6)
+                .map(|_| rng.gen_range(0..13u32))
+                .collect::<Vec<_>>(),
+            (n + m, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g = per_example_grads(&base, &adapter, &windows).unwrap();
+        let rows = g.grads.to_vec2::<f32>().unwrap();
+        // Layers: each projection's A and B together.
+        let mut layers: Vec<(usize, usize)> = Vec::new();
+        let mut col = 0;
+        for pair in g.params.chunks(2) {
+            let len: usize = pair.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            layers.push((col, len));
+            col += len;
+        }
+        let split = |r: &[Vec<f32>]| -> Vec<Vec<Vec<f32>>> {
+            layers
+                .iter()
+                .map(|&(c, l)| r.iter().map(|x| x[c..c + l].to_vec()).collect())
+                .collect()
+        };
+        let (train, test) = (split(&rows[..n]), split(&rows[n..]));
+        let approx = scores::datainf(&train, &test, 0.1);
+        // Exact: Σ_l v_lᵀ (G_l + λ_l I)⁻¹ g_il.
+        let mut exact = vec![vec![0.0; n]; m];
+        for (l, &(_, d)) in layers.iter().enumerate() {
+            let norms: Vec<f64> = train[l].iter().map(|x| scores::dot(x, x)).collect();
+            let lambda = 0.1 * norms.iter().sum::<f64>() / n as f64;
+            let mut h = vec![0.0; d * d];
+            for gk in &train[l] {
+                for a in 0..d {
+                    for b in 0..d {
+                        h[a * d + b] += gk[a] as f64 * gk[b] as f64 / n as f64;
+                    }
+                }
+            }
+            for a in 0..d {
+                h[a * d + a] += lambda;
+            }
+            let tr: Vec<Vec<f64>> = train[l]
+                .iter()
+                .map(|x| x.iter().map(|v| *v as f64).collect())
+                .collect();
+            let te: Vec<Vec<f64>> = test[l]
+                .iter()
+                .map(|x| x.iter().map(|v| *v as f64).collect())
+                .collect();
+            let s = scores::inverse_hessian(&h, d, &tr, &te).unwrap();
+            for j in 0..m {
+                for i in 0..n {
+                    exact[j][i] += s[j][i];
+                }
+            }
+        }
+        for j in 0..m {
+            let rho = scores::spearman(&approx[j], &exact[j]);
+            eprintln!(
+                "test {j}: Spearman {rho} Pearson {}",
+                scores::pearson(&approx[j], &exact[j])
+            );
         }
     }
 
