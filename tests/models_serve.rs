@@ -766,7 +766,13 @@ fn train_base_and_adapters_then_serve_them_with_attribution() {
     w[8 + hl..8 + hl + 4].copy_from_slice(&0.5f32.to_le_bytes());
     std::fs::write(cold.join("adapter_model.safetensors"), w).unwrap();
     std::fs::write(cold.join("adapter_config.json"), &cfg).unwrap();
-    let (status, body) = http(&addr, "POST", "/v1/load_lora_adapter", Some(&json!({ "lora_name": "cold", "lora_path": cold })), Some("test-admin-token"));
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/load_lora_adapter",
+        Some(&json!({ "lora_name": "cold", "lora_path": cold })),
+        Some("test-admin-token"),
+    );
     assert_eq!(status, 200, "{body}");
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
     let threads: Vec<_> = (0..8)
@@ -774,7 +780,13 @@ fn train_base_and_adapters_then_serve_them_with_attribution() {
             let (addr, barrier) = (addr.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                let (status, body) = http(&addr, "POST", "/v1/completions", Some(&json!({ "model": "cold", "prompt": "the parties", "max_tokens": 2 })), None);
+                let (status, body) = http(
+                    &addr,
+                    "POST",
+                    "/v1/completions",
+                    Some(&json!({ "model": "cold", "prompt": "the parties", "max_tokens": 2 })),
+                    None,
+                );
                 assert_eq!(status, 200, "{body}");
             })
         })
@@ -785,7 +797,12 @@ fn train_base_and_adapters_then_serve_them_with_attribution() {
     let (_, metrics) = http(&addr, "GET", "/metrics", None, None);
     let value = |m: &str| -> f64 {
         let key = format!("ledgerflow_adapter_{m}{{adapter=\"cold\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(&key)).unwrap().parse().unwrap()
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert_eq!(value("loads_total"), 1.0, "{metrics}");
     assert_eq!(value("hits_total") + value("misses_total"), 8.0);
