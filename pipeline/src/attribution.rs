@@ -25,7 +25,9 @@ use crate::train::{find, load_base, registry, LoadedBase, ModelRow};
 pub const GRADIENTS_TABLE: &str = "gradients";
 
 /// The `gradients` table: one row per (contribution, checkpoint) of an adapter, the projected
-/// gradient as a fixed-size list of f32 (k = its length), and the projection's seed.
+/// gradient as a list of f32 (k = its length, the same for all rows of an adapter version), and
+/// the projection's seed. A list rather than a fixed-size list: every table of the store is
+/// one SQL table, and adapters indexed with different k must merge into it.
 pub fn gradient_schema(k: usize) -> SchemaRef {
     static BASE: LazyLock<Vec<Field>> = LazyLock::new(|| {
         vec![
@@ -40,12 +42,10 @@ pub fn gradient_schema(k: usize) -> SchemaRef {
         ]
     });
     let mut fields = BASE.clone();
+    let _ = k;
     fields.push(Field::new(
         "gradient",
-        DataType::FixedSizeList(
-            Arc::new(Field::new_list_field(DataType::Float32, false)),
-            k as i32,
-        ),
+        DataType::List(Arc::new(Field::new_list_field(DataType::Float32, false))),
         false,
     ));
     fields.push(Field::new(
@@ -242,7 +242,7 @@ fn gradient_batch(
     seed: u64,
 ) -> Result<arrow_array::RecordBatch> {
     use arrow_array::{
-        ArrayRef, FixedSizeListArray, Float32Array, Float64Array, RecordBatch, StringArray,
+        ArrayRef, Float32Array, Float64Array, ListArray, RecordBatch, StringArray,
         TimestampMillisecondArray, UInt32Array, UInt64Array,
     };
     let n = rows.len();
@@ -250,9 +250,9 @@ fn gradient_batch(
         Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
     };
     let values = Float32Array::from_iter_values(rows.iter().flat_map(|r| r.3.iter().copied()));
-    let list = FixedSizeListArray::try_new(
+    let list = ListArray::try_new(
         Arc::new(Field::new_list_field(DataType::Float32, false)),
-        k as i32,
+        arrow::buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(k, n)),
         Arc::new(values),
         None,
     )?;
@@ -316,9 +316,11 @@ async fn read_index(store: &Store, adapter_id: &str, generation: &str) -> Result
     }
     let sql = format!(
         "SELECT content_hash, contributor, checkpoint, learning_rate, projection_seed, gradient FROM gradients \
-         WHERE model = '{}' AND generation = '{}' ORDER BY checkpoint, content_hash",
-        adapter_id.replace('\'', "''"),
-        generation.replace('\'', "''")
+         WHERE model = '{m}' AND generation = '{g}' \
+         AND created_at = (SELECT max(created_at) FROM gradients WHERE model = '{m}' AND generation = '{g}') \
+         ORDER BY checkpoint, content_hash",
+        m = adapter_id.replace('\'', "''"),
+        g = generation.replace('\'', "''")
     );
     let mut out = Vec::new();
     for b in ctx.sql(&sql).await?.collect().await? {
@@ -328,7 +330,7 @@ async fn read_index(store: &Store, adapter_id: &str, generation: &str) -> Result
         let step = b.column(2).as_primitive::<arrow::datatypes::UInt32Type>();
         let lr = b.column(3).as_primitive::<arrow::datatypes::Float64Type>();
         let seed = b.column(4).as_primitive::<arrow::datatypes::UInt64Type>();
-        let grads = b.column(5).as_fixed_size_list();
+        let grads = b.column(5).as_list::<i32>();
         for i in 0..b.num_rows() {
             let v = grads.value(i);
             out.push(Indexed {
@@ -374,7 +376,8 @@ pub struct Scorer {
 
 impl Scorer {
     /// Loads `adapter_id`'s checkpoints and its rows of `gradients`.
-    pub fn open(rt: &tokio::runtime::Runtime, store: &Store, adapter_id: &str) -> Result<Self> {
+    /// (From a thread outside the runtime's workers: it blocks on `rt`.)
+    pub fn open(rt: &tokio::runtime::Handle, store: &Store, adapter_id: &str) -> Result<Self> {
         let device = crate::train::candle_device()?;
         let l = rt.block_on(load(store, adapter_id, &device))?;
         let index = rt.block_on(read_index(store, adapter_id, &l.row.content_hash))?;
@@ -527,7 +530,7 @@ pub fn score(
     text: &str,
     opts: &ScoreOptions,
 ) -> Result<Value> {
-    Scorer::open(rt, store, adapter_id)?.score(text, opts)
+    Scorer::open(rt.handle(), store, adapter_id)?.score(text, opts)
 }
 
 /// `ledgerflow attribution inferences`: every answer of `adapter_id` in `inferences` that has
@@ -539,7 +542,7 @@ pub fn attribute_inferences(
     adapter_id: &str,
     opts: &ScoreOptions,
 ) -> Result<Value> {
-    let scorer = Scorer::open(rt, store, adapter_id)?;
+    let scorer = Scorer::open(rt.handle(), store, adapter_id)?;
     let pending = rt.block_on(async {
         let ctx = crate::sql::session_with_partitions(store, 1).await?;
         let done = if ctx.table_exist("attributions")? {

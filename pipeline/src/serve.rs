@@ -142,9 +142,14 @@ struct AppState {
     api_key: Option<String>,
     attribution: bool,
     spans: Mutex<HashMap<String, Arc<crate::tokens::SpanIndex>>>,
+    /// Gradient scorers by adapter generation (`None`: no index when last looked, and when).
+    scorers: Mutex<HashMap<String, CachedScorer>>,
     recorder: mpsc::UnboundedSender<Record>,
     started: i64,
 }
+
+/// A gradient scorer of an adapter version, or `None` (no index) and when that was seen.
+type CachedScorer = (Option<Arc<crate::attribution::Scorer>>, Instant);
 
 /// An answered request, to be written to `inferences` and `attributions`.
 struct Record {
@@ -160,6 +165,7 @@ struct Record {
     total_ms: f64,
     created_at_ms: i64,
     attribution: Option<Value>,
+    gradient: Option<Value>,
 }
 
 /// An error in OpenAI's shape.
@@ -274,6 +280,7 @@ pub async fn start(
         api_key: opts.api_key.clone(),
         attribution: opts.attribution,
         spans: Mutex::new(HashMap::new()),
+        scorers: Mutex::new(HashMap::new()),
         recorder: rec_tx,
         started: now_ms() / 1000,
     });
@@ -372,6 +379,25 @@ async fn write_records(store: &Store, batch: &[Record]) -> Result<()> {
         &credits,
         "span",
         &format!("served-{key}.parquet"),
+    )
+    .await?;
+    let gradient: Vec<(&str, &str, &Value, i64)> = batch
+        .iter()
+        .filter_map(|r| {
+            let a = r.gradient.as_ref()?;
+            Some((
+                r.request_id.as_str(),
+                r.datanet.as_str(),
+                a,
+                r.created_at_ms,
+            ))
+        })
+        .collect();
+    crate::tokens::record_attribution_batch(
+        store,
+        &gradient,
+        "gradient",
+        &format!("served-gradient-{key}.parquet"),
     )
     .await?;
     Ok(())
@@ -688,6 +714,11 @@ async fn run_job(
     } else {
         Value::Null
     };
+    // Gradient influence too, when the adapter version has a `gradients` index.
+    let gradient = match (&resolved.named, state.attribution) {
+        (Some(n), true) => gradient_scores(state, n, &format!("{}{}", job.prompt, text)).await,
+        _ => None,
+    };
     let model_name = job.model.clone();
     let _ = state.recorder.send(Record {
         request_id: id.clone(),
@@ -704,6 +735,7 @@ async fn run_job(
         attribution: attribution
             .get("contributions")
             .map(|_| attribution.clone()),
+        gradient: gradient.clone(),
     });
     Ok(Outcome {
         id,
@@ -719,8 +751,57 @@ async fn run_job(
             "contributions": attribution.get("contributions").cloned().unwrap_or(json!([])),
             "spans": attribution.get("spans").map_or(0, |s| s.as_array().map_or(0, Vec::len)),
             "error": attribution.get("error").cloned(),
+            "gradient": gradient,
         }),
     })
+}
+
+/// TracIn scores of an answer of adapter version `named` against its `gradients` index, if
+/// built (the scorer is opened once per version; a missing index is looked for again after
+/// 30 s).
+async fn gradient_scores(state: &Arc<AppState>, named: &Named, text: &str) -> Option<Value> {
+    // The registry id of the version: its folder in the store.
+    let Source::Store(dir) = &named.source else {
+        return None;
+    };
+    let id = dir.strip_prefix("models/")?.to_string();
+    if text.is_empty() {
+        return None;
+    }
+    let (st, n, t) = (state.clone(), named.clone(), text.to_string());
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let cached = st
+            .scorers
+            .lock()
+            .expect("scorers")
+            .get(&n.generation)
+            .cloned();
+        let scorer = match cached {
+            Some((s, _)) if s.is_some() => s,
+            Some((None, at)) if at.elapsed() < Duration::from_secs(30) => None,
+            _ => {
+                let opened = crate::attribution::Scorer::open(&handle, &st.store, &id)
+                    .ok()
+                    .filter(|s| s.generation() == n.generation)
+                    .map(Arc::new);
+                st.scorers
+                    .lock()
+                    .expect("scorers")
+                    .insert(n.generation.clone(), (opened.clone(), Instant::now()));
+                opened
+            }
+        }?;
+        let opts = crate::attribution::ScoreOptions {
+            method: "tracin".into(),
+            top_k: 10,
+            threshold: 0.0,
+        };
+        scorer.score(&t, &opts).ok()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Span credits of `text` in `datanet`'s index (`{"error": …}` when there is none).
