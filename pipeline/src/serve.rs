@@ -285,14 +285,14 @@ pub async fn start(
         started: now_ms() / 1000,
     });
     let recorder = tokio::spawn(record_loop(store, rec_rx));
-    if let Some(k) = opts.kafka.clone() {
+    let kafka = opts.kafka.clone().map(|k| {
         let st = state.clone();
         tokio::spawn(async move {
             if let Err(e) = kafka_loop(st, k).await {
                 tracing::error!("Kafka serving stopped: {e:#}");
             }
-        });
-    }
+        })
+    });
     let mut models: Vec<String> = state.bases.keys().cloned().collect();
     models.extend(state.adapters.read().expect("adapters").keys().cloned());
     models.sort();
@@ -316,9 +316,19 @@ pub async fn start(
         {
             tracing::error!("server: {e}");
         }
-        // Let the recorder write what is queued, then stop.
+        // Stop taking Kafka requests (those not answered are not committed: they are answered
+        // after a restart), let the recorder write what is queued, then stop.
+        if let Some(k) = kafka {
+            k.abort();
+            let _ = k.await;
+        }
         drop(state);
-        let _ = recorder.await;
+        if tokio::time::timeout(Duration::from_secs(30), recorder)
+            .await
+            .is_err()
+        {
+            tracing::warn!("answers still being recorded after 30 s; stopping without them");
+        }
     });
     Ok((Server { addr, models }, handle))
 }
@@ -1523,17 +1533,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Waits for `Duration` or ctrl-c, whichever first (for tests and `--for`).
+/// Waits for `limit` (if any), ctrl-c or SIGTERM, whichever first.
 pub async fn until(limit: Option<Duration>) {
-    match limit {
-        Some(d) => {
-            tokio::select! {
-                _ = tokio::time::sleep(d) => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+    let term = async {
+        #[cfg(unix)]
+        if let Ok(mut t) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            t.recv().await;
+            return;
         }
-        None => {
-            let _ = tokio::signal::ctrl_c().await;
+        std::future::pending::<()>().await
+    };
+    let timer = async {
+        match limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending::<()>().await,
         }
+    };
+    tokio::select! {
+        _ = timer => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }
