@@ -886,6 +886,15 @@ fn the_models_job_trains_and_serves() {
         json!({ "model": models[1]["id"], "prompt": "The parties", "max_tokens": 8, "temperature": 0 }),
     );
     assert_eq!(r["attribution"]["generation"], models[1]["content_hash"]);
+    // The job built the adapter's gradient index: its answers carry TracIn credits.
+    assert_eq!(
+        models[1]["gradient_index"]["checkpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(r["attribution"]["gradient"]["checkpoints"], 3, "{r}");
     let _ = child.kill();
     let _ = child.wait();
     let rows = sql(

@@ -201,6 +201,28 @@ pub struct TrainStageConfig {
     /// Rank, alpha and targets (an adapter).
     #[serde(default)]
     pub lora: ledgerflow_models::LoraConfig,
+    /// For an adapter: build its gradient index right after training (projected per-example
+    /// gradients of its training contributions at each checkpoint, the `gradients` table).
+    #[serde(default)]
+    pub gradient_index: Option<GradientIndexConfig>,
+}
+
+/// The gradient index a `train` stage builds after an adapter.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GradientIndexConfig {
+    /// Dimensions of the random projection (TRAK).
+    #[serde(default = "default_k")]
+    pub k: usize,
+    #[serde(default = "default_projection_seed")]
+    pub seed: u64,
+}
+
+fn default_k() -> usize {
+    512
+}
+fn default_projection_seed() -> u64 {
+    0x7a4a
 }
 
 impl TrainStageConfig {
@@ -224,6 +246,9 @@ impl TrainStageConfig {
             ..self.model.clone()
         };
         sized.check().map_err(|e| format!("model: {e}"))?;
+        if self.gradient_index.as_ref().is_some_and(|g| g.k == 0) {
+            return Err("gradient_index.k must be at least 1".into());
+        }
         self.lora.check()
     }
 
@@ -364,7 +389,19 @@ pub fn run_models_job(
                         )?
                     };
                     let datanet = c.datanet.clone().unwrap_or(up_datanet);
+                    let index = match (&c.gradient_index, up_id.is_empty()) {
+                        (Some(g), false) => Some(crate::attribution::build_index(
+                            rt, store, &t.id, g.k, g.seed,
+                        )?),
+                        (Some(_), true) => bail!(
+                            "{}: `{}` trains a base model; gradient_index is for adapters",
+                            spec.file,
+                            n.name
+                        ),
+                        _ => None,
+                    };
                     trained.push(serde_json::json!({
+                        "gradient_index": index,
                         "stage": n.name, "id": t.id, "kind": if up_id.is_empty() { "base" } else { "adapter" },
                         "parent": if up_id.is_empty() { None } else { Some(up_id.clone()) },
                         "datanet": datanet, "content_hash": t.content_hash,
