@@ -372,44 +372,32 @@ async fn write_records(store: &Store, batch: &[Record]) -> Result<()> {
         &ledgerflow_schemas::contribution::keccak256(batch[0].request_id.as_bytes())[..12],
     );
     crate::tokens::record_inference_batch(store, &rows, &format!("served-{key}.parquet")).await?;
-    let credits: Vec<(&str, &str, &Value, i64)> = batch
-        .iter()
-        .filter_map(|r| {
-            let a = r.attribution.as_ref()?;
-            Some((
-                r.request_id.as_str(),
-                r.datanet.as_str(),
-                a,
-                r.created_at_ms,
-            ))
-        })
-        .collect();
-    crate::tokens::record_attribution_batch(
-        store,
-        &credits,
-        "span",
-        &format!("served-{key}.parquet"),
-    )
-    .await?;
-    let gradient: Vec<(&str, &str, &Value, i64)> = batch
-        .iter()
-        .filter_map(|r| {
-            let a = r.gradient.as_ref()?;
-            Some((
-                r.request_id.as_str(),
-                r.datanet.as_str(),
-                a,
-                r.created_at_ms,
-            ))
-        })
-        .collect();
-    crate::tokens::record_attribution_batch(
-        store,
-        &gradient,
-        "gradient",
-        &format!("served-gradient-{key}.parquet"),
-    )
-    .await?;
+    // Span credits and gradient credits: one file of each per batch.
+    type Credits = fn(&Record) -> Option<&Value>;
+    let kinds: [(&str, &str, Credits); 2] = [
+        ("span", "served", |r| r.attribution.as_ref()),
+        ("gradient", "served-gradient", |r| r.gradient.as_ref()),
+    ];
+    for (method, prefix, credits_of) in kinds {
+        let credits: Vec<(&str, &str, &Value, i64)> = batch
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.request_id.as_str(),
+                    r.datanet.as_str(),
+                    credits_of(r)?,
+                    r.created_at_ms,
+                ))
+            })
+            .collect();
+        crate::tokens::record_attribution_batch(
+            store,
+            &credits,
+            method,
+            &format!("{prefix}-{key}.parquet"),
+        )
+        .await?;
+    }
     Ok(())
 }
 
