@@ -242,6 +242,12 @@ enum Command {
         response_topic: Option<String>,
         #[arg(long, default_value = "ledgerflow-serve")]
         kafka_group: String,
+        /// How answers of adapters with a gradient index are credited.
+        #[command(
+            flatten,
+            next_help_heading = "Gradient attribution (adapters with a gradient index)"
+        )]
+        gradient: ledgerflow::attribution::ScoreOptions,
     },
     /// Reward epochs of a job's `epochs:` section: closed → computed → published → submitted →
     /// settled, each step once across crashes.
@@ -647,14 +653,8 @@ enum AttributionCommand {
         /// The prompt and output as the model saw them.
         #[arg(long)]
         text: String,
-        /// tracin (over checkpoints) or cosine.
-        #[arg(long, default_value = "tracin")]
-        method: String,
-        #[arg(long, default_value_t = 10)]
-        top_k: usize,
-        /// Normalised scores below it earn nothing (the attribution threshold).
-        #[arg(long, default_value_t = 0.0)]
-        threshold: f64,
+        #[command(flatten)]
+        opts: ledgerflow::attribution::ScoreOptions,
         #[arg(long)]
         output_id: Option<String>,
         #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
@@ -665,12 +665,8 @@ enum AttributionCommand {
     Inferences {
         #[arg(long)]
         adapter: String,
-        #[arg(long, default_value = "tracin")]
-        method: String,
-        #[arg(long, default_value_t = 10)]
-        top_k: usize,
-        #[arg(long, default_value_t = 0.0)]
-        threshold: f64,
+        #[command(flatten)]
+        opts: ledgerflow::attribution::ScoreOptions,
         #[arg(long, env = "LEDGERFLOW_STORE", default_value = "./data")]
         store: String,
     },
@@ -700,6 +696,10 @@ enum AttributionCommand {
         subsets: usize,
         #[arg(long, default_value_t = 3)]
         seed: u64,
+        /// Also write the problem (training and test points, labels, L2), its optimum and every
+        /// method's scores as JSON to this file (what benchmarks/attribution_dattri.py reads).
+        #[arg(long)]
+        export: Option<PathBuf>,
     },
 }
 
@@ -781,6 +781,7 @@ enum DatanetCommand {
 }
 
 fn main() {
+    ledgerflow::tune_allocator();
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Run { .. } | Command::Quickstart { .. } | Command::Broker { .. } => "info",
@@ -1233,8 +1234,16 @@ fn real_main(command: Command) -> Result<i32> {
                     dims,
                     subsets,
                     seed,
+                    export,
                 } => {
-                    let r = ledgerflow::attribution::eval(train, test, dims, subsets, seed)?;
+                    let r = ledgerflow::attribution::eval(
+                        train,
+                        test,
+                        dims,
+                        subsets,
+                        seed,
+                        export.as_deref(),
+                    )?;
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 }
                 AttributionCommand::Bench {
@@ -1248,18 +1257,11 @@ fn real_main(command: Command) -> Result<i32> {
                 }
                 AttributionCommand::Inferences {
                     adapter,
-                    method,
-                    top_k,
-                    threshold,
+                    opts,
                     store,
                 } => {
                     let store = Store::open(&store)?;
                     let rt = io_runtime()?;
-                    let opts = ledgerflow::attribution::ScoreOptions {
-                        method,
-                        top_k,
-                        threshold,
-                    };
                     let r = ledgerflow::attribution::attribute_inferences(
                         &rt, &store, &adapter, &opts,
                     )?;
@@ -1279,19 +1281,12 @@ fn real_main(command: Command) -> Result<i32> {
                 AttributionCommand::Score {
                     adapter,
                     text,
-                    method,
-                    top_k,
-                    threshold,
+                    opts,
                     output_id,
                     store,
                 } => {
                     let store = Store::open(&store)?;
                     let rt = io_runtime()?;
-                    let opts = ledgerflow::attribution::ScoreOptions {
-                        method,
-                        top_k,
-                        threshold,
-                    };
                     let mut r =
                         ledgerflow::attribution::score(&rt, &store, &adapter, &text, &opts)?;
                     if let Some(id) = output_id {
@@ -1326,6 +1321,7 @@ fn real_main(command: Command) -> Result<i32> {
             request_topic,
             response_topic,
             kafka_group,
+            gradient,
         } => {
             let store = Store::open(&store)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1348,6 +1344,7 @@ fn real_main(command: Command) -> Result<i32> {
                         responses: response_topic.unwrap_or_default(),
                         group: kafka_group,
                     }),
+                    gradient,
                 };
                 let (server, handle) = ledgerflow::serve::start(
                     store,
