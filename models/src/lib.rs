@@ -7,6 +7,7 @@ pub mod influence;
 pub mod logreg;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod scores;
 pub mod train;
 

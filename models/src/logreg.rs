@@ -163,6 +163,9 @@ pub struct EvalReport {
     pub methods: Vec<MethodQuality>,
 }
 
+/// The damping λ of DataInf in [`method_scores`].
+pub const DATAINF_DAMPING: f64 = 0.1;
+
 /// Scores of every method (`[test][train]`, helpful = positive) at the optimum `w`.
 pub fn method_scores(p: &Problem, w: &[f64]) -> Vec<(String, Vec<Vec<f64>>)> {
     let d = w.len();
@@ -177,7 +180,10 @@ pub fn method_scores(p: &Problem, w: &[f64]) -> Vec<(String, Vec<Vec<f64>>)> {
         scores::inverse_hessian(&p.hessian(w), d, &train, &test).expect("positive definite");
     vec![
         ("influence_exact".to_string(), exact),
-        ("datainf".to_string(), scores::datainf(&tr, &te, 0.1)),
+        (
+            "datainf".to_string(),
+            scores::datainf(&tr, &te, DATAINF_DAMPING),
+        ),
         ("tracin".to_string(), scores::tracin(&tr, &te, &[1.0])),
         ("cosine".to_string(), scores::cosine(&tr, &te)),
     ]

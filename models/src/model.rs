@@ -169,20 +169,8 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)
+        crate::ops::rms_norm(x, &self.weight, self.eps)
     }
-}
-
-/// Rotary positions on `x` (`[batch, heads, time, head_dim]`), the halves convention of LLaMA:
-/// `x·cos + rotate_half(x)·sin`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// A linear projection without bias, with its module path (`model.layers.0.self_attn.q_proj`)
@@ -378,14 +366,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        rows: &Rows<'_>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let split = |l: &Proj| -> Result<Tensor> {
             l.forward(x, rows)?
@@ -393,11 +374,11 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rope(&split(&self.q)?, cos, sin)?;
-        let k = rope(&split(&self.k)?, cos, sin)?;
+        let q = crate::ops::rope(&split(&self.q)?, cos, sin)?;
+        let k = crate::ops::rope(&split(&self.k)?, cos, sin)?;
         let v = split(&self.v)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+        let att =
+            crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (self.head_dim as f64).sqrt())?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         self.o.forward(&y, rows)
     }
@@ -424,8 +405,8 @@ impl Attention {
         for (i, cache) in caches.iter_mut().enumerate() {
             let cos = tables.0.narrow(0, starts[i], t)?;
             let sin = tables.1.narrow(0, starts[i], t)?;
-            let qi = rope(&q.narrow(0, i, 1)?, &cos, &sin)?;
-            let ki = rope(&k.narrow(0, i, 1)?, &cos, &sin)?;
+            let qi = crate::ops::rope(&q.narrow(0, i, 1)?, &cos, &sin)?;
+            let ki = crate::ops::rope(&k.narrow(0, i, 1)?, &cos, &sin)?;
             let vi = v.narrow(0, i, 1)?;
             let (ki, vi) = match cache.kv.take() {
                 Some((pk, pv)) => (
@@ -608,21 +589,11 @@ impl Transformer {
         }
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
-        let mask: Vec<f32> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), tokens.device())?;
         let mut x = self.embed.forward(tokens)?;
         for b in &self.blocks {
             let h = b
                 .attn
-                .forward(&b.attn_norm.forward(&x)?, &cos, &sin, &mask, rows)?;
+                .forward(&b.attn_norm.forward(&x)?, &cos, &sin, rows)?;
             x = (x + h)?;
             let h = b.mlp.forward(&b.mlp_norm.forward(&x)?, rows)?;
             x = (x + h)?;
@@ -689,7 +660,7 @@ impl Transformer {
         let input = windows.narrow(1, 0, t1 - 1)?;
         let target = windows.narrow(1, 1, t1 - 1)?;
         let logits = self.forward_rows(&input, rows)?;
-        candle_nn::loss::cross_entropy(
+        crate::ops::cross_entropy(
             &logits.reshape((b * (t1 - 1), self.cfg.vocab_size))?,
             &target.reshape(b * (t1 - 1))?,
         )

@@ -279,6 +279,150 @@ fn check_sizes(cfg: &ModelConfig, tc: &TrainConfig, corpus: &Corpus) -> candle_c
     Ok(())
 }
 
+/// The training batches of `tc` over `corpus`, one per step: `batch_size` windows of
+/// `seq_len + 1` tokens at seeded random offsets, flattened row by row. What [`train`] and
+/// [`train_adapter`] train on, and what the PyTorch side of the training benchmark replays.
+pub fn batches<'a>(tc: &'a TrainConfig, corpus: &'a Corpus) -> impl Iterator<Item = Vec<u32>> + 'a {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed);
+    let window = tc.seq_len + 1;
+    (0..tc.steps).map(move |_| {
+        let mut batch = Vec::with_capacity(tc.batch_size * window);
+        for _ in 0..tc.batch_size {
+            let start = rng.gen_range(0..corpus.train.len() - window);
+            batch.extend_from_slice(&corpus.train[start..start + window]);
+        }
+        batch
+    })
+}
+
+/// AdamW (decoupled weight decay, bias-corrected moments: `torch.optim.AdamW`'s update) after
+/// clipping the global gradient norm to `grad_clip`. On the CPU the whole update runs in one
+/// pass over each variable's values; elsewhere as candle's `AdamW` on tensors.
+enum Optimiser {
+    Cpu {
+        vars: Vec<candle_core::Var>,
+        moments: Vec<(Vec<f32>, Vec<f32>)>,
+        t: i32,
+        weight_decay: f64,
+    },
+    Tensors {
+        vars: Vec<candle_core::Var>,
+        adamw: AdamW,
+    },
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+
+impl Optimiser {
+    fn new(vars: Vec<candle_core::Var>, tc: &TrainConfig) -> candle_core::Result<Self> {
+        if vars
+            .iter()
+            .all(|v| v.device().is_cpu() && v.dtype() == candle_core::DType::F32)
+        {
+            let moments = vars
+                .iter()
+                .map(|v| (vec![0f32; v.elem_count()], vec![0f32; v.elem_count()]))
+                .collect();
+            return Ok(Self::Cpu {
+                vars,
+                moments,
+                t: 0,
+                weight_decay: tc.weight_decay,
+            });
+        }
+        let adamw = AdamW::new(
+            vars.clone(),
+            ParamsAdamW {
+                lr: tc.lr_at(0),
+                beta1: BETA1,
+                beta2: BETA2,
+                eps: EPS,
+                weight_decay: tc.weight_decay,
+            },
+        )?;
+        Ok(Self::Tensors { vars, adamw })
+    }
+
+    fn step(
+        &mut self,
+        mut grads: candle_core::backprop::GradStore,
+        lr: f64,
+        clip: f64,
+    ) -> candle_core::Result<()> {
+        match self {
+            Self::Cpu {
+                vars,
+                moments,
+                t,
+                weight_decay,
+            } => {
+                let gs: Vec<Option<Vec<f32>>> = vars
+                    .iter()
+                    .map(|v| {
+                        grads
+                            .get(v.as_tensor())
+                            .map(|g| g.flatten_all()?.to_vec1::<f32>())
+                            .transpose()
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                let norm = gs
+                    .iter()
+                    .flatten()
+                    .flat_map(|g| g.iter())
+                    .map(|&x| x as f64 * x as f64)
+                    .sum::<f64>()
+                    .sqrt();
+                let g_scale = if norm > clip {
+                    (clip / norm) as f32
+                } else {
+                    1.0
+                };
+                *t += 1;
+                let c1 = 1.0 / (1.0 - BETA1.powi(*t));
+                let c2 = 1.0 / (1.0 - BETA2.powi(*t));
+                let decay = (1.0 - lr * *weight_decay) as f32;
+                let (b1, b2) = (BETA1 as f32, BETA2 as f32);
+                let (c1, c2, lr32, eps) = (c1 as f32, c2 as f32, lr as f32, EPS as f32);
+                for ((var, g), (m, v)) in vars.iter().zip(&gs).zip(moments.iter_mut()) {
+                    let Some(g) = g else { continue };
+                    let mut theta = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                    for (((p, &g), m), v) in
+                        theta.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                    {
+                        let g = g * g_scale;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *p = *p * decay - lr32 * (*m * c1) / ((*v * c2).sqrt() + eps);
+                    }
+                    var.set(&Tensor::from_vec(theta, var.shape(), var.device())?)?;
+                }
+                Ok(())
+            }
+            Self::Tensors { vars, adamw } => {
+                let mut sq = 0f64;
+                for v in vars.iter() {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+                    }
+                }
+                let norm = sq.sqrt();
+                if norm > clip {
+                    for v in vars.iter() {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let g = (g * (clip / norm))?;
+                            grads.insert(v.as_tensor(), g);
+                        }
+                    }
+                }
+                adamw.set_learning_rate(lr);
+                adamw.step(&grads)
+            }
+        }
+    }
+}
+
 /// The training loop shared by base models and adapters: seeded random windows, AdamW on
 /// `vars`, warm-up + cosine, global-norm clipping; then the validation report.
 fn fit(
@@ -291,48 +435,17 @@ fn fit(
     loss_of: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<TrainReport> {
     let (names, vars): (Vec<String>, Vec<candle_core::Var>) = named.into_iter().unzip();
-    let mut opt = AdamW::new(
-        vars.clone(),
-        ParamsAdamW {
-            lr: tc.lr_at(0),
-            weight_decay: tc.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed);
+    let mut opt = Optimiser::new(vars.clone(), tc)?;
     let window = tc.seq_len + 1;
     let started = Instant::now();
     let mut curve = Vec::with_capacity(tc.steps);
     let (mut checkpoints, mut snapshots) = (Vec::new(), Vec::new());
-    for step in 0..tc.steps {
-        let mut batch = Vec::with_capacity(tc.batch_size * window);
-        for _ in 0..tc.batch_size {
-            let start = rng.gen_range(0..corpus.train.len() - window);
-            batch.extend_from_slice(&corpus.train[start..start + window]);
-        }
+    for (step, batch) in batches(tc, corpus).enumerate() {
         let windows = Tensor::from_vec(batch, (tc.batch_size, window), device)?;
         let loss = loss_of(&windows)?;
-        let mut grads = loss.backward()?;
-        // Global gradient-norm clipping.
-        let mut sq = 0f64;
-        for v in &vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-        }
-        let norm = sq.sqrt();
-        if norm > tc.grad_clip {
-            let scale = tc.grad_clip / norm;
-            for v in &vars {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    let g = (g * scale)?;
-                    grads.insert(v.as_tensor(), g);
-                }
-            }
-        }
+        let grads = loss.backward()?;
         let lr = tc.lr_at(step);
-        opt.set_learning_rate(lr);
-        opt.step(&grads)?;
+        opt.step(grads, lr, tc.grad_clip)?;
         let l = loss.to_scalar::<f32>()? as f64;
         curve.push((step, l, lr));
         let k = tc.checkpoints.min(tc.steps);
@@ -419,6 +532,60 @@ fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass CPU AdamW (with clipping) equals candle's tensor AdamW over several steps.
+    #[test]
+    fn cpu_adamw_equals_candle_adamw() {
+        let dev = Device::Cpu;
+        let tc = TrainConfig {
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        let init = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+        let make = || candle_core::Var::from_tensor(&init.copy().unwrap()).unwrap();
+        let (a, b) = (make(), make());
+        let mut cpu = Optimiser::new(vec![a.clone()], &tc).unwrap();
+        let mut tensors = Optimiser::Tensors {
+            vars: vec![b.clone()],
+            adamw: AdamW::new(
+                vec![b.clone()],
+                ParamsAdamW {
+                    lr: 0.01,
+                    beta1: BETA1,
+                    beta2: BETA2,
+                    eps: EPS,
+                    weight_decay: tc.weight_decay,
+                },
+            )
+            .unwrap(),
+        };
+        assert!(matches!(cpu, Optimiser::Cpu { .. }));
+        for step in 0..5 {
+            // A loss whose gradient norm is above the clip on some steps and below on others.
+            let w = Tensor::full(if step % 2 == 0 { 3f32 } else { 0.01 }, (3, 5), &dev).unwrap();
+            let loss = |v: &candle_core::Var| {
+                (v.as_tensor() * &w)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            cpu.step(loss(&a).backward().unwrap(), 0.01 * (step + 1) as f64, 1.0)
+                .unwrap();
+            tensors
+                .step(loss(&b).backward().unwrap(), 0.01 * (step + 1) as f64, 1.0)
+                .unwrap();
+        }
+        let (x, y) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (x, y) in x.iter().zip(&y) {
+            assert!((x - y).abs() < 1e-5, "{x} against {y}");
+        }
+        assert_ne!(x, init.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
 
     /// A stream with structure a model can learn and a unigram cannot: each document cycles
     /// through a fixed sequence from a random start.
