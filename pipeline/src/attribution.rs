@@ -207,10 +207,12 @@ pub fn build_index(
     }
     let windows: Vec<Vec<u32>> = docs.iter().map(|d| d.2.clone()).collect();
     let mut rows: Vec<GradRow> = Vec::new();
+    let computing = std::time::Instant::now();
     for (step, lr, adapter) in &l.checkpoints {
         let g = projected(&l.base, adapter, &windows, k, seed, 32, &device)?;
         rows.extend(g.into_iter().enumerate().map(|(i, v)| (i, *step, *lr, v)));
     }
+    let gradient_seconds = computing.elapsed().as_secs_f64();
     let batch = gradient_batch(&l.row, &docs, &rows, k, seed)?;
     rt.block_on(crate::tokens::put_table_file(
         store,
@@ -228,6 +230,10 @@ pub fn build_index(
         "rows": rows.len(),
         "seconds": started.elapsed().as_secs_f64(),
         "gradients_per_second": rows.len() as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        // The per-example gradients and their projection alone (no loading, tokenizing or
+        // writing).
+        "gradient_seconds": gradient_seconds,
+        "gradients_per_second_computing": rows.len() as f64 / gradient_seconds.max(1e-9),
     }))
 }
 
@@ -352,13 +358,72 @@ async fn read_index(store: &Store, adapter_id: &str, generation: &str) -> Result
     Ok(out)
 }
 
-/// How to score an output.
+/// How to score an output: the `attribution score` / `attribution inferences` flags, the
+/// `serve` command's `--gradient-*` flags and a `serve` stage's `gradient_attribution:`.
+#[derive(
+    Debug, Clone, PartialEq, clap::Args, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
 pub struct ScoreOptions {
-    /// `tracin` or `cosine`.
+    /// `tracin` (Σ over checkpoints of the learning rate times the dot product), `cosine`, or
+    /// `datainf` (DataInf's closed-form inverse Hessian at the last checkpoint).
+    #[arg(long = "method", default_value = "tracin")]
+    #[serde(default = "default_method")]
     pub method: String,
+    /// Contributions credited per output (the highest scores).
+    #[arg(long = "top-k", default_value_t = 10)]
+    #[serde(default = "default_top_k")]
     pub top_k: usize,
-    /// Normalised scores below it earn nothing (the attribution threshold).
+    /// Normalised scores below it earn nothing (the attribution threshold, a governance
+    /// parameter).
+    #[arg(long = "threshold", default_value_t = 0.0)]
+    #[serde(default)]
     pub threshold: f64,
+    /// DataInf's damping: λ = damping · the mean squared norm of the training gradients.
+    #[arg(long = "damping", default_value_t = 0.1)]
+    #[serde(default = "default_damping")]
+    pub damping: f64,
+}
+
+fn default_method() -> String {
+    "tracin".into()
+}
+fn default_top_k() -> usize {
+    10
+}
+fn default_damping() -> f64 {
+    0.1
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        Self {
+            method: default_method(),
+            top_k: default_top_k(),
+            threshold: 0.0,
+            damping: default_damping(),
+        }
+    }
+}
+
+impl ScoreOptions {
+    /// Problems with the options, if any.
+    pub fn check(&self) -> Result<(), String> {
+        check_method(&self.method).map_err(|e| e.to_string())?;
+        if self.top_k == 0 {
+            return Err("top_k must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(format!(
+                "threshold {} is not between 0 and 1",
+                self.threshold
+            ));
+        }
+        if self.damping.is_nan() || self.damping <= 0.0 {
+            return Err(format!("damping {} must be above 0", self.damping));
+        }
+        Ok(())
+    }
 }
 
 /// An adapter's gradient index loaded for scoring outputs.
@@ -438,9 +503,7 @@ impl Scorer {
     /// `{contributions: [{content_hash, contributor, score}], contributors: […]}` with scores
     /// normalised to sum to 1.
     pub fn score(&self, text: &str, opts: &ScoreOptions) -> Result<Value> {
-        if !matches!(opts.method.as_str(), "tracin" | "cosine") {
-            bail!("--method {} is not one of tracin, cosine", opts.method);
-        }
+        opts.check().map_err(anyhow::Error::msg)?;
         let ids = self.l.base.tokenizer.encode(text)?;
         if ids.len() < 2 {
             bail!("the text has fewer than two tokens");
@@ -453,7 +516,12 @@ impl Scorer {
         let mut total = vec![0f64; n];
         let mut dots = vec![0f32; n];
         let mut lrs = Vec::new();
-        for (step, lr, flat, norms) in &self.checkpoints {
+        // DataInf is the influence at the trained model: the last checkpoint alone.
+        let used = match opts.method.as_str() {
+            "datainf" => &self.checkpoints[self.checkpoints.len().saturating_sub(1)..],
+            _ => &self.checkpoints[..],
+        };
+        for (step, lr, flat, norms) in used {
             let (_, _, adapter) = self
                 .l
                 .checkpoints
@@ -471,11 +539,24 @@ impl Scorer {
             )?;
             ledgerflow_models::scores::dot_rows(flat, self.k, &t[0], &mut dots, threads);
             let tn = t[0].iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-30);
-            for i in 0..n {
-                total[i] += match opts.method.as_str() {
-                    "tracin" => lr * dots[i] as f64,
-                    _ => (dots[i] / (norms[i].max(1e-30) * tn)) as f64,
-                };
+            match opts.method.as_str() {
+                "tracin" => total
+                    .iter_mut()
+                    .zip(&dots)
+                    .for_each(|(t, d)| *t += lr * *d as f64),
+                "cosine" => {
+                    for i in 0..n {
+                        total[i] += (dots[i] / (norms[i].max(1e-30) * tn)) as f64;
+                    }
+                }
+                _ => {
+                    let r = datainf_direction(flat, self.k, norms, &dots, &t[0], opts.damping);
+                    ledgerflow_models::scores::dot_rows(flat, self.k, &r.0, &mut dots, threads);
+                    total
+                        .iter_mut()
+                        .zip(&dots)
+                        .for_each(|(t, d)| *t += *d as f64 * r.1);
+                }
             }
             lrs.push(*lr);
         }
@@ -520,6 +601,44 @@ impl Scorer {
             "contributors": contributors.iter().map(|(a, v)| json!({ "contributor": a, "score": v })).collect::<Vec<_>>(),
         }))
     }
+}
+
+/// The scoring methods over a gradient index.
+pub const METHODS: [&str; 3] = ["tracin", "cosine", "datainf"];
+
+fn check_method(method: &str) -> Result<()> {
+    if !METHODS.contains(&method) {
+        bail!("method `{method}` is not one of {}", METHODS.join(", "));
+    }
+    Ok(())
+}
+
+/// DataInf over one checkpoint's projected index (the projection as one layer): with
+/// `λ = damping · mean‖g‖²` and `c_k = ⟨v, g_k⟩ / (λ + ‖g_k‖²)`, the direction
+/// `r = n·v − Σ c_k g_k` and the factor `1/(nλ)`; the score of row `i` is `⟨g_i, r⟩/(nλ)`
+/// (`scores::datainf` on the index, in two passes over it).
+fn datainf_direction(
+    flat: &[f32],
+    k: usize,
+    norms: &[f32],
+    dots: &[f32],
+    v: &[f32],
+    damping: f64,
+) -> (Vec<f32>, f64) {
+    let n = norms.len();
+    let sq: Vec<f64> = norms.iter().map(|x| (*x as f64) * (*x as f64)).collect();
+    let lambda = (damping * sq.iter().sum::<f64>() / n.max(1) as f64).max(1e-12);
+    let mut r: Vec<f64> = v.iter().map(|x| n as f64 * *x as f64).collect();
+    for (row, (d, s)) in flat.chunks(k).zip(dots.iter().zip(&sq)) {
+        let c = *d as f64 / (lambda + s);
+        for (r, g) in r.iter_mut().zip(row) {
+            *r -= c * *g as f64;
+        }
+    }
+    (
+        r.into_iter().map(|x| x as f32).collect(),
+        1.0 / (n as f64 * lambda),
+    )
 }
 
 /// `ledgerflow attribution score`: [`Scorer::score`] for one text.
@@ -629,14 +748,90 @@ pub fn bench_scoring(rows: usize, k: usize, threads: usize, repeats: usize) -> R
 }
 
 /// `ledgerflow attribution eval`: each method against retraining on logistic regression.
-pub fn eval(train: usize, test: usize, dims: usize, subsets: usize, seed: u64) -> Result<Value> {
+pub fn eval(
+    train: usize,
+    test: usize,
+    dims: usize,
+    subsets: usize,
+    seed: u64,
+    export: Option<&std::path::Path>,
+) -> Result<Value> {
     if train < 10 || test == 0 || dims == 0 || subsets < 2 {
         bail!("need --train ≥ 10, --test ≥ 1, --dims ≥ 1 and --subsets ≥ 2");
     }
     let p = ledgerflow_models::logreg::Problem::generate(train, test, dims, seed);
+    if let Some(path) = export {
+        // The problem, its optimum and every method's scores, for an outside implementation
+        // (benchmarks/attribution_dattri.py) to score the same model on the same data.
+        let w = p.fit(&(0..train).collect::<Vec<_>>(), None);
+        let scores: serde_json::Map<String, Value> =
+            ledgerflow_models::logreg::method_scores(&p, &w)
+                .into_iter()
+                .map(|(m, s)| (m, serde_json::json!(s)))
+                .collect();
+        let doc = serde_json::json!({
+            "model": "logistic regression without bias: mean log-loss + l2/2 |w|^2",
+            "x": p.x, "y": p.y, "test_x": p.test_x, "test_y": p.test_y, "l2": p.l2,
+            "w": w,
+            "datainf_damping": ledgerflow_models::logreg::DATAINF_DAMPING,
+            "scores": scores,
+        });
+        std::fs::write(path, serde_json::to_vec(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(serde_json::to_value(ledgerflow_models::logreg::evaluate(
         &p,
         subsets,
         seed ^ 1,
     ))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DataInf over a flat index in two passes equals `scores::datainf` on the same rows.
+    #[test]
+    fn datainf_over_the_index_equals_the_reference() {
+        let (n, k) = (40, 6);
+        let mut x = 0x9e37_79b9u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32) - 0.5
+        };
+        let rows: Vec<Vec<f32>> = (0..n).map(|_| (0..k).map(|_| next()).collect()).collect();
+        let v: Vec<f32> = (0..k).map(|_| next()).collect();
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let norms: Vec<f32> = rows
+            .iter()
+            .map(|r| r.iter().map(|a| a * a).sum::<f32>().sqrt())
+            .collect();
+        let mut dots = vec![0f32; n];
+        ledgerflow_models::scores::dot_rows(&flat, k, &v, &mut dots, 1);
+        let (r, factor) = datainf_direction(&flat, k, &norms, &dots, &v, 0.1);
+        let mut ours = vec![0f32; n];
+        ledgerflow_models::scores::dot_rows(&flat, k, &r, &mut ours, 1);
+        let reference = ledgerflow_models::scores::datainf(&[rows], &[vec![v]], 0.1);
+        for (a, b) in ours.iter().zip(&reference[0]) {
+            let a = *a as f64 * factor;
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} against {b}");
+        }
+    }
+
+    #[test]
+    fn score_options_are_checked() {
+        assert!(ScoreOptions::default().check().is_ok());
+        let bad = ScoreOptions {
+            method: "shapley".into(),
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("tracin, cosine, datainf"));
+        let bad = ScoreOptions {
+            threshold: 1.5,
+            ..Default::default()
+        };
+        assert!(bad.check().is_err());
+    }
 }

@@ -277,6 +277,11 @@ pub struct ServeSinkConfig {
     /// Stop after this many seconds (0, the default: until ctrl-c).
     #[serde(default)]
     pub for_seconds: u64,
+    /// How answers of adapters with a gradient index are credited by gradient: `method`
+    /// (tracin, cosine or datainf), `top_k`, `threshold` (normalised scores below it earn
+    /// nothing), `damping` (DataInf's).
+    #[serde(default)]
+    pub gradient_attribution: crate::attribution::ScoreOptions,
 }
 
 fn default_port() -> u16 {
@@ -296,6 +301,9 @@ impl ServeSinkConfig {
     pub fn check(&self) -> Result<(), String> {
         if self.max_batch == 0 || self.adapter_budget_mib == 0 {
             return Err("max_batch and adapter_budget_mib must be at least 1".into());
+        }
+        if let Err(e) = self.gradient_attribution.check() {
+            return Err(format!("gradient_attribution: {e}"));
         }
         Ok(())
     }
@@ -435,6 +443,7 @@ pub fn run_models_job(
                 max_batch: c.max_batch,
                 attribution: true,
                 kafka: None,
+                gradient: c.gradient_attribution.clone(),
             };
             let (server, handle) = crate::serve::start(
                 store.clone(),

@@ -46,6 +46,8 @@ pub struct ServeOptions {
     pub attribution: bool,
     /// Also answer requests from Kafka: brokers, request topic, response topic, group.
     pub kafka: Option<KafkaServing>,
+    /// How answers of adapters with a gradient index are credited by gradient.
+    pub gradient: crate::attribution::ScoreOptions,
 }
 
 /// Inference over Kafka: JSON requests (the body of `/v1/completions`, plus an optional `id`;
@@ -141,6 +143,7 @@ struct AppState {
     counters: Arc<Counters>,
     api_key: Option<String>,
     attribution: bool,
+    gradient: crate::attribution::ScoreOptions,
     spans: Mutex<HashMap<String, Arc<crate::tokens::SpanIndex>>>,
     /// Gradient scorers by adapter generation (`None`: no index when last looked, and when).
     scorers: Mutex<HashMap<String, CachedScorer>>,
@@ -279,6 +282,7 @@ pub async fn start(
         counters,
         api_key: opts.api_key.clone(),
         attribution: opts.attribution,
+        gradient: opts.gradient.clone(),
         spans: Mutex::new(HashMap::new()),
         scorers: Mutex::new(HashMap::new()),
         recorder: rec_tx,
@@ -790,12 +794,7 @@ async fn gradient_scores(state: &Arc<AppState>, named: &Named, text: &str) -> Op
                 opened
             }
         }?;
-        let opts = crate::attribution::ScoreOptions {
-            method: "tracin".into(),
-            top_k: 10,
-            threshold: 0.0,
-        };
-        scorer.score(&t, &opts).ok()
+        scorer.score(&t, &st.gradient).ok()
     })
     .await
     .ok()
