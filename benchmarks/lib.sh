@@ -57,3 +57,17 @@ active_line() {
   printf "\nledgerflow from its first record to its final commit (without the group join and the idle wait): %.2f s, %.0f msgs/s, %.2f of the baseline\n" \
     "$active" "$(echo "$count / $active" | bc -l)" "$(echo "$base_wall / $active" | bc -l)"
 }
+
+# model_store STORE → a quick-start store of 2,000 contributions in Datanet `legal`, indexed with
+# a 4,000-token vocabulary (what the model benchmarks train on)
+model_store() {
+  "$lf" quickstart --count 2000 --store "$1" > /dev/null 2>&1
+  "$lf" index build --datanet legal --vocab-size 4000 --store "$1" > /dev/null
+}
+
+# base_and_adapter STORE → sets $base (a base model of the default sizes, 100 steps) and $adapter
+# (a rank-8 adapter of it on all seven projections, 30 steps) trained on `legal` in STORE
+base_and_adapter() {
+  base=$("$lf" train --datanet legal --steps 100 --store "$1" --progress never | tail -1)
+  adapter=$("$lf" train --datanet legal --adapter-of "$base" --steps 30 --store "$1" --progress never | tail -1)
+}

@@ -17,10 +17,8 @@ py=${LEDGERFLOW_PYTHON:-python3}
 out=benchmarks/out/serve
 rm -rf "$out" && mkdir -p "$out"
 store=$out/store
-"$lf" quickstart --count 2000 --store "$store" > /dev/null 2>&1
-"$lf" index build --datanet legal --vocab-size 4000 --store "$store" > /dev/null
-base=$("$lf" train --datanet legal --steps 100 --store "$store" --progress never | tail -1)
-adapter=$("$lf" train --datanet legal --adapter-of "$base" --steps 30 --store "$store" --progress never | tail -1)
+model_store "$store"
+base_and_adapter "$store"
 src=$store/models/$adapter
 tensor_bytes=$("$py" - "$src" "$out/fleet" <<'PY'
 import os, struct, sys

@@ -17,8 +17,7 @@ py=${LEDGERFLOW_PYTHON:-python3}
 out=benchmarks/out/train
 rm -rf "$out" && mkdir -p "$out"
 store=$out/store
-"$lf" quickstart --count 2000 --store "$store" > /dev/null 2>&1
-"$lf" index build --datanet legal --vocab-size 4000 --store "$store" > /dev/null
+model_store "$store"
 RAYON_NUM_THREADS=$threads "$bindir/examples/train_reference" "$store" legal "$out/run" "$steps"
 "$py" benchmarks/train_torch.py "$out/run" "$threads"
 "$py" - "$out/run" <<'PY'

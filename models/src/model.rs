@@ -417,18 +417,7 @@ impl Attention {
             };
             let mut scores = (qi.matmul(&ki.t()?)? / (self.head_dim as f64).sqrt())?;
             if t > 1 {
-                let total = ki.dim(2)?;
-                let past = total - t;
-                let mask: Vec<f32> = (0..t * total)
-                    .map(|k| {
-                        if k % total > past + k / total {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (t, total), x.device())?;
+                let mask = crate::ops::causal_mask(t, ki.dim(2)?, x.device())?;
                 scores = scores.broadcast_add(&mask)?;
             }
             let att = candle_nn::ops::softmax_last_dim(&scores)?;

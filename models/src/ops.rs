@@ -1,5 +1,5 @@
 //! Fused CPU kernels for the training step, each with its backward pass: cross-entropy over
-//! logits, RMSNorm, and the causal softmax of attention scores. candle composes these from
+//! logits, RMSNorm, the causal softmax of attention scores and rotary positions. candle composes these from
 //! five to ten element-wise ops, each allocating a tensor the size of its input (for the
 //! cross-entropy of a 1,024 × 4,000 batch: 16 MB each, forward and backward); here each is one
 //! pass forward and one backward. Other devices (`cuda`) run the composed ops.
@@ -239,21 +239,28 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
+/// The additive causal mask `[t, total]` of `t` new queries after `total − t` cached keys: 0
+/// where query `i` may see key `j` (`j ≤ total − t + i`), −∞ elsewhere.
+pub fn causal_mask(t: usize, total: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let past = total - t;
+    let mask: Vec<f32> = (0..t * total)
+        .map(|k| {
+            if k % total > past + k / total {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, total), device)
+}
+
 /// `softmax(scale · scores)` over the last dimension with a causal mask: `scores` is
 /// `[…, t, t]` and query `i` sees keys `0..=i` (the others get probability 0).
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let t = scores.dim(D::Minus1)?;
     if !scores.device().is_cpu() || scores.dtype() != candle_core::DType::F32 {
-        let mask: Vec<f32> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+        let mask = causal_mask(t, t, scores.device())?;
         return candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?);
     }
     if scores.dim(D::Minus2)? != t {
@@ -498,16 +505,7 @@ mod tests {
             let y = if fused {
                 causal_softmax(s.as_tensor(), 0.5).unwrap()
             } else {
-                let mask: Vec<f32> = (0..25)
-                    .map(|k| {
-                        if k % 5 > k / 5 {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (5, 5), &dev).unwrap();
+                let mask = causal_mask(5, 5, &dev).unwrap();
                 candle_nn::ops::softmax(
                     &(s.as_tensor() * 0.5).unwrap().broadcast_add(&mask).unwrap(),
                     D::Minus1,

@@ -14,7 +14,6 @@
 use anyhow::{Context, Result};
 use ledgerflow_models::model::init_seeded;
 use ledgerflow_models::train::batches;
-use ledgerflow_models::{Corpus, TrainConfig};
 use ledgerflow_store::Store;
 
 fn main() -> Result<()> {
@@ -24,23 +23,15 @@ fn main() -> Result<()> {
     let store = args.next().context(usage)?;
     let datanet = args.next().context(usage)?;
     let out = std::path::PathBuf::from(args.next().context(usage)?);
-    let mut tc = TrainConfig::default();
+    let mut file = ledgerflow::train::TrainFile::default();
     if let Some(s) = args.next() {
-        tc.steps = s.parse().context("STEPS")?;
+        file.train.steps = s.parse().context("STEPS")?;
     }
     std::fs::create_dir_all(&out)?;
     let store = Store::open(&store)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let dir = ledgerflow::tokens::datanet_index_dir(&store, &datanet)?;
-    let tokenizer = ledgerflow_index::TextTokenizer::load(&dir.join("tokenizer.json"))
-        .with_context(|| format!("no tokenizer for `{datanet}`: run `ledgerflow index build`"))?;
-    let docs = rt.block_on(ledgerflow::train::datanet_documents(&store, &datanet))?;
-    let cfg = ledgerflow_models::ModelConfig {
-        vocab_size: tokenizer.vocab_size(),
-        ..Default::default()
-    };
-    cfg.check().map_err(anyhow::Error::msg)?;
-    let corpus = Corpus::split(&docs, tokenizer.eos_id() as u32, tc.val_fraction);
+    let (cfg, corpus) = ledgerflow::train::base_corpus(&rt, &store, &datanet, &file)?;
+    let tc = file.train;
     let device = candle_core::Device::Cpu;
 
     let varmap = candle_nn::VarMap::new();

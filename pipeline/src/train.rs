@@ -89,14 +89,14 @@ pub struct Trained {
     pub report: TrainReport,
 }
 
-/// Trains a base model on `datanet` and registers it.
-pub fn train_base(
+/// What a base model of `file` trains on in `datanet`: its sizes (the vocabulary of the
+/// Datanet's tokenizer) and the Datanet's token streams split for training and validation.
+pub fn base_corpus(
     rt: &tokio::runtime::Runtime,
     store: &Store,
     datanet: &str,
     file: &TrainFile,
-    progress: ledgerflow_models::train::Progress<'_>,
-) -> Result<Trained> {
+) -> Result<(ModelConfig, Corpus)> {
     let dir = crate::tokens::datanet_index_dir(store, datanet)?;
     let tokenizer = ledgerflow_index::TextTokenizer::load(&dir.join("tokenizer.json"))
         .with_context(|| format!("no tokenizer for `{datanet}`: run `ledgerflow index build --datanet {datanet}` first"))?;
@@ -105,6 +105,18 @@ pub fn train_base(
     cfg.vocab_size = tokenizer.vocab_size();
     cfg.check().map_err(anyhow::Error::msg)?;
     let corpus = Corpus::split(&docs, tokenizer.eos_id() as u32, file.train.val_fraction);
+    Ok((cfg, corpus))
+}
+
+/// Trains a base model on `datanet` and registers it.
+pub fn train_base(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    datanet: &str,
+    file: &TrainFile,
+    progress: ledgerflow_models::train::Progress<'_>,
+) -> Result<Trained> {
+    let (cfg, corpus) = base_corpus(rt, store, datanet, file)?;
     let (varmap, report) =
         ledgerflow_models::train(&cfg, &file.train, &corpus, &candle_device()?, progress)?;
     let tmp = tempfile::NamedTempFile::new()?;
