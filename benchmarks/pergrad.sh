@@ -7,6 +7,7 @@
 # benchmarks/pergrad_torch.py on the same weights, the same window lengths, the same batch (32)
 # and the same kind of projection. Prints gradients/s of both and the ratio.
 #   benchmarks/pergrad.sh [THREADS]      default every core
+# LEDGERFLOW_DEVICE=cuda (a `--features cuda` build) runs both sides on the GPU.
 # Needs torch and numpy in $LEDGERFLOW_PYTHON (default python3).
 # NO_BUILD=1 uses the binaries as built; PROFILE=dev for a dev build.
 set -euo pipefail
@@ -20,6 +21,7 @@ rm -rf "$out" && mkdir -p "$out"
 store=$out/store
 model_store "$store"
 base_and_adapter "$store"
+echo "$adapter" > "$out/adapter.txt"
 # The lengths of the windows the index computes: each training contribution's first 65 tokens.
 "$lf" sql --store "$store" --format csv \
   "SELECT CAST(content_hash AS VARCHAR) AS h, cardinality(tokens) AS n FROM tokens WHERE datanet = 'legal'" \
@@ -32,7 +34,7 @@ for row in csv.DictReader(open(sys.argv[1])):
         print(min(int(row["n"]), 65))
 PY
 RAYON_NUM_THREADS=$threads "$lf" attribution index --adapter "$adapter" --k 512 --store "$store" > "$out/ours.json"
-"$py" benchmarks/pergrad_torch.py "$store/models/$base" "$store/models/$adapter" "$out/lengths.txt" "$threads" 512 32 > "$out/torch.json"
+"$py" benchmarks/pergrad_torch.py "$store/models/$base" "$store/models/$adapter" "$out/lengths.txt" "$threads" 512 32 "${LEDGERFLOW_DEVICE:-cpu}" > "$out/torch.json"
 "$py" - "$out" <<'PY'
 import json, os, sys
 d = sys.argv[1]
@@ -40,6 +42,7 @@ ours = json.load(open(os.path.join(d, "ours.json")))
 ref = json.load(open(os.path.join(d, "torch.json")))
 assert ours["rows"] == ref["examples"], (ours["rows"], ref["examples"])
 print(f"(ours end to end, with loading, tokenizing and writing the index: {ours['seconds']:.2f} s)")
+print(f"device: {ref['device']}")
 print("| implementation | threads | examples | parameters | k | seconds | gradients/s | ratio to PyTorch |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 print(f"| ledgerflow (batched exact, candle) | {ref['threads']} | {ours['rows']} | {ref['parameters']} | {ours['k']} | "

@@ -38,7 +38,7 @@ PY
 )
 serve_and_load() { # BUDGET_MIB → starts the server, loads the fleet; sets $pid $addr
   export LEDGERFLOW_API_KEY=bench-token
-  "$lf" serve --port 0 --store "$store" --no-attribution --adapter-budget-mib "$1" > "$out/serve.url" 2> "$out/serve.log" &
+  "$lf" serve --port 0 --store "$store" --no-attribution --adapter-budget-mib "$1" > "$out/serve.url" 2> "$out/serve-$1.log" &
   pid=$!
   for _ in $(seq 300); do [ -s "$out/serve.url" ] && break; sleep 0.1; done
   addr=$(sed -n 's|listening on http://\([^ ]*\).*|\1|p' "$out/serve.url")
@@ -48,6 +48,12 @@ serve_and_load() { # BUDGET_MIB → starts the server, loads the fleet; sets $pi
   done
 }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# GPU memory of process PID in MiB (under `cuda`, where the adapters live), or nothing
+gpu_mib() {
+  command -v nvidia-smi > /dev/null || return 0
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
+    | awk -F', *' -v p="$1" '$1 == p {print $2}'
+}
 seq -f a%04g 0 999 > "$out/fleet.txt"
 echo a0000 > "$out/one.txt"
 per=$(( (tensor_bytes * 100) >> 20 )); [ "$per" -ge 1 ] || per=1
@@ -63,16 +69,19 @@ kill $pid; wait $pid 2>/dev/null || true
 serve_and_load 4096
 echo "$base" > "$out/base.txt"
 "$py" benchmarks/serve_load.py "$addr" "$out/base.txt" --requests 200 --clients 1 --max-tokens 1 > /dev/null  # warm the request path
-before=$(rss_kb $pid)
+before=$(rss_kb $pid) gpu_before=$(gpu_mib $pid)
 for i in $(seq -f %04g 0 999); do
   curl -sf -o /dev/null -H 'Content-Type: application/json' \
     -d "{\"model\":\"a$i\",\"prompt\":\"The\",\"max_tokens\":1}" "http://$addr/v1/completions"
 done
-after=$(rss_kb $pid)
+after=$(rss_kb $pid) gpu_after=$(gpu_mib $pid)
 resident=$(curl -s "http://$addr/metrics" | awk '/^ledgerflow_adapter_resident\{/ {s += $2} END {print s}')
 kill $pid; wait $pid 2>/dev/null || true
 echo "single adapter:   $one"
 echo "1,000, Zipf(1.1): $zipf"
 grep -E '^ledgerflow_adapter_load_seconds|^ledgerflow_engine_step' "$out/metrics.txt"
 echo "adapter tensor bytes: $tensor_bytes; resident: $resident; RSS growth $(( (after - before) * 1024 / 1000 )) bytes per adapter"
+if [ -n "$gpu_before" ] && [ -n "$gpu_after" ]; then
+  echo "GPU memory growth $(( (gpu_after - gpu_before) * 1048576 / 1000 )) bytes per adapter ($gpu_before → $gpu_after MiB)"
+fi
 "$py" -c "import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); print('Zipf/single tokens/s: %.3f' % (b['tokens_per_s']/a['tokens_per_s']))" "$one" "$zipf"

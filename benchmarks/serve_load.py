@@ -32,7 +32,7 @@ def main():
         picks = [rng.choice(models) for _ in range(a.requests)]
     host, port = a.addr.split(":")
     lock = threading.Lock()
-    latencies, tokens, errors = [], [0], [0]
+    latencies, tokens, errors, samples = [], [0], [0], {}
     queue = list(enumerate(picks))
 
     def client():
@@ -52,6 +52,10 @@ def main():
             with lock:
                 if r.status != 200:
                     errors[0] += 1
+                    # A few distinct failures, to say what went wrong.
+                    key = (r.status, data[:200].decode("utf-8", "replace"))
+                    if len(samples) < 3 or key in samples:
+                        samples[key] = samples.get(key, 0) + 1
                 else:
                     tokens[0] += json.loads(data)["usage"]["completion_tokens"]
                     latencies.append(dt)
@@ -69,6 +73,8 @@ def main():
         "requests": a.requests, "errors": errors[0], "completion_tokens": tokens[0],
         "wall_s": round(wall, 3), "tokens_per_s": round(tokens[0] / wall, 1),
         "latency_p50_s": q(0.5), "latency_p99_s": q(0.99), "distinct_models": len(set(picks)),
+        **({"error_samples": [{"status": k[0], "body": k[1], "count": n} for k, n in samples.items()]}
+           if samples else {}),
     }))
 
 

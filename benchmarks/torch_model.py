@@ -53,7 +53,7 @@ def forward(cfg, w, tables, tokens, lora=None, scale=1.0, sdpa=True):
     `scaled_dot_product_attention` falls back to a loop under vmap."""
     b, t = tokens.shape
     h, hd = cfg["n_heads"], cfg["d_model"] // cfg["n_heads"]
-    cos, sin = tables[0][:t], tables[1][:t]
+    cos, sin = tables[0][:t].to(tokens.device), tables[1][:t].to(tokens.device)
 
     def rope(x):
         x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
@@ -84,7 +84,7 @@ def forward(cfg, w, tables, tokens, lora=None, scale=1.0, sdpa=True):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             scores = (q @ k.transpose(-1, -2)) / hd**0.5
-            mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+            mask = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu(1)
             y = scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
         x = x + proj(y.transpose(1, 2).reshape(b, t, -1), f"{pre}.self_attn.o_proj")
         m = norm(x, f"{pre}.post_attention_layernorm.weight")

@@ -1,13 +1,13 @@
 """The PyTorch side of the training benchmark (benchmarks/train.sh).
 
-Reads what `cargo run --example train_reference` wrote to DIR (initial weights, the batches of
+Reads what `ledgerflow train-reference` wrote to DIR (initial weights, the batches of
 every step, settings and learning rates) and trains the same decoder-only transformer (RMSNorm,
 rotary positions in LLaMA's halves convention, SwiGLU, untied head) from the same initial weights
 on the same batches with the same AdamW, warm-up/cosine schedule and global-norm clipping, in
-eager PyTorch on the CPU with THREADS threads. Writes DIR/torch.json: the loss of every step,
-seconds and tokens/s of the training loop.
+eager PyTorch with THREADS threads, on the CPU or on DEVICE (`cuda`). Writes DIR/torch.json: the
+loss of every step, seconds and tokens/s of the training loop.
 
-    python benchmarks/train_torch.py DIR THREADS
+    python benchmarks/train_torch.py DIR THREADS [DEVICE]
 """
 
 import json
@@ -41,13 +41,15 @@ class Model(torch.nn.Module):
 
 def main():
     out, threads = sys.argv[1], int(sys.argv[2])
+    device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
     torch.set_num_threads(threads)
     run = json.load(open(os.path.join(out, "run.json")))
     cfg, tc, lrs = run["model"], run["train"], run["learning_rates"]
     steps, bs, window = tc["steps"], tc["batch_size"], tc["seq_len"] + 1
     batches = np.fromfile(os.path.join(out, "batches.u32"), dtype="<u4")
-    batches = torch.from_numpy(batches.astype(np.int64)).view(steps, bs, window)
-    model = Model(cfg, load_safetensors(os.path.join(out, "init.safetensors")))
+    batches = torch.from_numpy(batches.astype(np.int64)).view(steps, bs, window).to(device)
+    model = Model(cfg, load_safetensors(os.path.join(out, "init.safetensors"))).to(device)
+    model.tables = tuple(t.to(device) for t in model.tables)
     params = list(model.parameters())
     opt = torch.optim.AdamW(
         params, lr=lrs[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=tc["weight_decay"]
@@ -61,7 +63,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # Global-norm clipping as ours does it: scale only when the norm is above the clip.
-        norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
+        norm = math.sqrt(float(torch.stack([p.grad.pow(2).sum() for p in params]).sum()))
         if norm > tc["grad_clip"]:
             for p in params:
                 p.grad.mul_(tc["grad_clip"] / norm)
@@ -69,6 +71,8 @@ def main():
             group["lr"] = lrs[step]
         opt.step()
         losses.append(loss.item())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     tokens = steps * bs * tc["seq_len"]
     result = {
@@ -77,6 +81,7 @@ def main():
         "tokens_per_second": tokens / seconds,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "device": str(device),
     }
     json.dump(result, open(os.path.join(out, "torch.json"), "w"), indent=1)
     print(

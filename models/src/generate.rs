@@ -349,10 +349,10 @@ mod tests {
     }
 
     fn model(varmap: &VarMap) -> Transformer {
-        init_seeded(varmap, &cfg(), 5, &Device::Cpu).unwrap();
+        init_seeded(varmap, &cfg(), 5, &crate::test_device()).unwrap();
         Transformer::new(
             &cfg(),
-            VarBuilder::from_varmap(varmap, candle_core::DType::F32, &Device::Cpu),
+            VarBuilder::from_varmap(varmap, candle_core::DType::F32, &crate::test_device()),
         )
         .unwrap()
     }
@@ -365,7 +365,7 @@ mod tests {
             targets: targets.iter().map(|t| t.to_string()).collect(),
         };
         let vm = VarMap::new();
-        Adapter::init(m, &lc, seed, &vm, &Device::Cpu).unwrap();
+        Adapter::init(m, &lc, seed, &vm, &crate::test_device()).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut named: Vec<(String, candle_core::Var)> = vm
             .data()
@@ -379,12 +379,12 @@ mod tests {
             if name.contains("lora_B") {
                 let n = var.elem_count();
                 let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.3..0.3)).collect();
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(v, var.shape(), &crate::test_device()).unwrap())
                     .unwrap();
             }
         }
         let bytes = safetensors_bytes(&vm).unwrap();
-        Arc::new(Adapter::from_safetensors(&bytes, &lc, m, &Device::Cpu).unwrap())
+        Arc::new(Adapter::from_safetensors(&bytes, &lc, m, &crate::test_device()).unwrap())
     }
 
     fn close(a: &[f32], b: &[f32]) -> f32 {
@@ -405,7 +405,7 @@ mod tests {
         let seqs: [Vec<u32>; 3] = [vec![1, 5, 7, 2], vec![3, 3, 9], vec![4, 8, 15, 16, 22]];
         let adapters = [Some(a1.clone()), Some(a2.clone()), None];
         let full = |s: &[u32], a: &Option<Arc<Adapter>>| -> Vec<f32> {
-            let t = Tensor::from_vec(s.to_vec(), (1, s.len()), &Device::Cpu).unwrap();
+            let t = Tensor::from_vec(s.to_vec(), (1, s.len()), &crate::test_device()).unwrap();
             let rows = match a {
                 Some(a) => Rows::all(a.as_ref() as &dyn LowRank),
                 None => Rows::base(),
@@ -421,8 +421,12 @@ mod tests {
         // Prefill all but the last two tokens of each, then two batched steps.
         let mut caches: Vec<KvCache> = vec![KvCache::default(); 3];
         for (i, s) in seqs.iter().enumerate() {
-            let t = Tensor::from_vec(s[..s.len() - 2].to_vec(), (1, s.len() - 2), &Device::Cpu)
-                .unwrap();
+            let t = Tensor::from_vec(
+                s[..s.len() - 2].to_vec(),
+                (1, s.len() - 2),
+                &crate::test_device(),
+            )
+            .unwrap();
             let rows = match &adapters[i] {
                 Some(a) => Rows::all(a.as_ref() as &dyn LowRank),
                 None => Rows::base(),
@@ -433,9 +437,9 @@ mod tests {
         }
         for back in [2usize, 1] {
             let toks: Vec<u32> = seqs.iter().map(|s| s[s.len() - back]).collect();
-            let t = Tensor::from_vec(toks, (3, 1), &Device::Cpu).unwrap();
-            let i0 = Tensor::from_vec(vec![0u32], 1, &Device::Cpu).unwrap();
-            let i1 = Tensor::from_vec(vec![1u32], 1, &Device::Cpu).unwrap();
+            let t = Tensor::from_vec(toks, (3, 1), &crate::test_device()).unwrap();
+            let i0 = Tensor::from_vec(vec![0u32], 1, &crate::test_device()).unwrap();
+            let i1 = Tensor::from_vec(vec![1u32], 1, &crate::test_device()).unwrap();
             let rows = if back == 2 {
                 Rows {
                     groups: vec![
@@ -494,7 +498,7 @@ mod tests {
         let greedy = |p: &[u32], a: &Option<Arc<Adapter>>, n: usize| -> Vec<u32> {
             let mut s = p.to_vec();
             for _ in 0..n {
-                let t = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap();
+                let t = Tensor::from_vec(s.clone(), (1, s.len()), &crate::test_device()).unwrap();
                 let rows = match a {
                     Some(a) => Rows::all(a.as_ref() as &dyn LowRank),
                     None => Rows::base(),
@@ -540,7 +544,7 @@ mod tests {
         }
         drop(tx);
         let mut widest = 0;
-        run_engine(&m, &Device::Cpu, rx, 4, &mut |s| {
+        run_engine(&m, &crate::test_device(), rx, 4, &mut |s| {
             widest = widest.max(s.batch)
         });
         assert_eq!(widest, 4);

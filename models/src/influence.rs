@@ -131,7 +131,14 @@ impl Projector {
         let mut col = 0;
         for p in &self.blocks {
             let len = p.dim(0)?;
-            out = (out + g.grads.narrow(1, col, len)?.matmul(p)?)?;
+            let block = g.grads.narrow(1, col, len)?;
+            // The CPU's gemm takes the column block as it is; cuBLAS wants it contiguous.
+            let block = if block.device().is_cpu() {
+                block
+            } else {
+                block.contiguous()?
+            };
+            out = (out + block.matmul(p)?)?;
             col += len;
         }
         Ok(out)
@@ -161,7 +168,7 @@ mod tests {
             ..Default::default()
         };
         let vm = VarMap::new();
-        init_seeded(&vm, &cfg, 9, &Device::Cpu).unwrap();
+        init_seeded(&vm, &cfg, 9, &crate::test_device()).unwrap();
         // The base as plain tensors: frozen.
         let tensors: std::collections::HashMap<String, Tensor> = vm
             .data()
@@ -172,7 +179,7 @@ mod tests {
             .collect();
         let base = Transformer::new(
             &cfg,
-            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            VarBuilder::from_tensors(tensors, DType::F32, &crate::test_device()),
         )
         .unwrap();
         let lc = LoraConfig {
@@ -186,7 +193,7 @@ mod tests {
             ],
         };
         let avm = VarMap::new();
-        let adapter = Adapter::init(&base, &lc, 4, &avm, &Device::Cpu).unwrap();
+        let adapter = Adapter::init(&base, &lc, 4, &avm, &crate::test_device()).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
         let mut named: Vec<(String, candle_core::Var)> = avm
             .data()
@@ -201,7 +208,7 @@ mod tests {
                 let v: Vec<f32> = (0..var.elem_count())
                     .map(|_| rng.gen_range(-0.5..0.5))
                     .collect();
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(v, var.shape(), &crate::test_device()).unwrap())
                     .unwrap();
             }
         }
@@ -210,7 +217,7 @@ mod tests {
                 .map(|i| ((i * 5 + i / 7) % 13) as u32)
                 .collect::<Vec<_>>(),
             (4, 7),
-            &Device::Cpu,
+            &crate::test_device(),
         )
         .unwrap();
         (base, adapter, avm, windows)
@@ -275,7 +282,7 @@ mod tests {
                     let at = |d: f32| {
                         let mut v = orig.clone();
                         v[j] += d;
-                        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        var.set(&Tensor::from_vec(v, var.shape(), &crate::test_device()).unwrap())
                             .unwrap();
                         base.loss_rows(&w, &Rows::all(&adapter))
                             .unwrap()
@@ -283,8 +290,11 @@ mod tests {
                             .unwrap()
                     };
                     let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-                    var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
+                    var.set(
+                        &Tensor::from_vec(orig.clone(), var.shape(), &crate::test_device())
+                            .unwrap(),
+                    )
+                    .unwrap();
                     let got = rows[2][col + j];
                     assert!(
                         (fd - got).abs() <= 2e-3 + 2e-2 * got.abs(),
@@ -314,7 +324,7 @@ mod tests {
             ..Default::default()
         };
         let vm = VarMap::new();
-        init_seeded(&vm, &cfg, 1, &Device::Cpu).unwrap();
+        init_seeded(&vm, &cfg, 1, &crate::test_device()).unwrap();
         let tensors: std::collections::HashMap<String, Tensor> = vm
             .data()
             .lock()
@@ -324,7 +334,7 @@ mod tests {
             .collect();
         let base = Transformer::new(
             &cfg,
-            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            VarBuilder::from_tensors(tensors, DType::F32, &crate::test_device()),
         )
         .unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
@@ -370,7 +380,7 @@ mod tests {
             &lc,
             &tc,
             &corpus,
-            &Device::Cpu,
+            &crate::test_device(),
             &mut |_, _, _, _, _| {},
         )
         .unwrap();
@@ -378,21 +388,23 @@ mod tests {
             report.checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(),
             vec![20, 40, 60]
         );
-        let windows = Tensor::from_vec(docs.concat(), (docs.len(), 20), &Device::Cpu).unwrap();
-        let test = Tensor::from_vec(planted[..13].to_vec(), (1, 13), &Device::Cpu).unwrap();
+        let windows =
+            Tensor::from_vec(docs.concat(), (docs.len(), 20), &crate::test_device()).unwrap();
+        let test =
+            Tensor::from_vec(planted[..13].to_vec(), (1, 13), &crate::test_device()).unwrap();
         let (mut train_g, mut test_g, mut lrs) = (vec![], vec![], vec![]);
         for ((_, lr), snap) in report.checkpoints.iter().zip(&report.snapshots) {
             let adapter = Adapter::from_named(snap, &lc, &base).unwrap();
             let g = per_example_grads(&base, &adapter, &windows).unwrap();
             let t = per_example_grads(&base, &adapter, &test).unwrap();
             train_g.push(
-                project(&g, 512, 3, &Device::Cpu)
+                project(&g, 512, 3, &crate::test_device())
                     .unwrap()
                     .to_vec2::<f32>()
                     .unwrap(),
             );
             test_g.push(
-                project(&t, 512, 3, &Device::Cpu)
+                project(&t, 512, 3, &crate::test_device())
                     .unwrap()
                     .to_vec2::<f32>()
                     .unwrap(),
@@ -422,7 +434,7 @@ mod tests {
             targets: vec!["q_proj".into(), "down_proj".into()],
         };
         let avm = VarMap::new();
-        let adapter = Adapter::init(&base, &lc, 6, &avm, &Device::Cpu).unwrap();
+        let adapter = Adapter::init(&base, &lc, 6, &avm, &crate::test_device()).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
         let mut named: Vec<(String, candle_core::Var)> = avm
             .data()
@@ -437,7 +449,7 @@ mod tests {
                 let v: Vec<f32> = (0..var.elem_count())
                     .map(|_| rng.gen_range(-0.5..0.5))
                     .collect();
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(v, var.shape(), &crate::test_device()).unwrap())
                     .unwrap();
             }
         }
@@ -447,7 +459,7 @@ mod tests {
                 .map(|_| rng.gen_range(0..13u32))
                 .collect::<Vec<_>>(),
             (n + m, 6),
-            &Device::Cpu,
+            &crate::test_device(),
         )
         .unwrap();
         let g = per_example_grads(&base, &adapter, &windows).unwrap();
@@ -514,11 +526,11 @@ mod tests {
     fn the_projection_is_seeded_and_keeps_inner_products() {
         let (base, adapter, _, windows) = setup();
         let g = per_example_grads(&base, &adapter, &windows).unwrap();
-        let p1 = project(&g, 2048, 5, &Device::Cpu)
+        let p1 = project(&g, 2048, 5, &crate::test_device())
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        let p2 = project(&g, 2048, 5, &Device::Cpu)
+        let p2 = project(&g, 2048, 5, &crate::test_device())
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();

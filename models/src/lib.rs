@@ -14,3 +14,15 @@ pub mod train;
 pub use lora::{Adapter, LoraConfig};
 pub use model::{KvCache, ModelConfig, Rows, Transformer};
 pub use train::{train, train_adapter, Corpus, TrainConfig, TrainReport};
+
+/// The device the unit tests run on: the CPU, or — built with `cuda` and run with
+/// `LEDGERFLOW_DEVICE=cuda` — the first CUDA GPU, so that the same checks (per-example gradients
+/// against backward passes and finite differences, training, LoRA, generation) run there too.
+#[cfg(test)]
+pub(crate) fn test_device() -> candle_core::Device {
+    #[cfg(feature = "cuda")]
+    if std::env::var("LEDGERFLOW_DEVICE").is_ok_and(|d| d.starts_with("cuda")) {
+        return candle_core::Device::new_cuda(0).expect("CUDA GPU 0");
+    }
+    candle_core::Device::Cpu
+}

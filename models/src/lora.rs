@@ -397,7 +397,14 @@ mod tests {
         };
         let a = Corpus::split(&docs(7, 200, 1), 0, 0.15);
         let b = Corpus::split(&docs(5, 200, 2), 0, 0.15);
-        let (vm, _) = train(&cfg, &tc, &a, &Device::Cpu, &mut |_, _, _, _, _| {}).unwrap();
+        let (vm, _) = train(
+            &cfg,
+            &tc,
+            &a,
+            &crate::test_device(),
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
         let weights = {
             let data = vm.data().lock().unwrap();
             let t: Vec<(String, Tensor)> = data
@@ -407,12 +414,23 @@ mod tests {
             safetensors::serialize(t.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap()
         };
         // The base as plain tensors (frozen).
-        let vb = VarBuilder::from_buffered_safetensors(weights.clone(), DType::F32, &Device::Cpu)
-            .unwrap();
+        let vb = VarBuilder::from_buffered_safetensors(
+            weights.clone(),
+            DType::F32,
+            &crate::test_device(),
+        )
+        .unwrap();
         let base = Transformer::new(&cfg, vb).unwrap();
         let lora = LoraConfig::default();
-        let (avm, r) =
-            train_adapter(&base, &lora, &tc, &b, &Device::Cpu, &mut |_, _, _, _, _| {}).unwrap();
+        let (avm, r) = train_adapter(
+            &base,
+            &lora,
+            &tc,
+            &b,
+            &crate::test_device(),
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
         let base_ppl = r.base_perplexity.unwrap();
         assert!(
             r.val_perplexity < base_ppl / 2.0,
@@ -430,11 +448,12 @@ mod tests {
             .contains(&"base_model.model.model.layers.0.mlp.down_proj.lora_B.weight".to_string()));
         let back = LoraConfig::from_peft_json(&lora.peft_json("base")).unwrap();
         assert_eq!(back, lora);
-        let loaded = Adapter::from_safetensors(&bytes, &lora, &base, &Device::Cpu).unwrap();
+        let loaded =
+            Adapter::from_safetensors(&bytes, &lora, &base, &crate::test_device()).unwrap();
         // q, k, v, o 32→32; gate, up 32→64; down 64→32; rank 8, f32.
         assert_eq!(loaded.tensor_bytes(), 4 * (4 * 512 + 2 * 768 + 768));
         assert!(bytes.len() > loaded.tensor_bytes());
-        let w = Tensor::from_vec(b.val[..17].to_vec(), (1, 17), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(b.val[..17].to_vec(), (1, 17), &crate::test_device()).unwrap();
         let with = base
             .loss_rows(&w, &Rows::all(&loaded))
             .unwrap()
@@ -447,12 +466,12 @@ mod tests {
             rank: 4,
             ..lora.clone()
         };
-        assert!(Adapter::from_safetensors(&bytes, &wrong, &base, &Device::Cpu).is_err());
+        assert!(Adapter::from_safetensors(&bytes, &wrong, &base, &crate::test_device()).is_err());
         let fewer = LoraConfig {
             targets: vec!["q_proj".into()],
             ..lora.clone()
         };
-        let e = Adapter::from_safetensors(&bytes, &fewer, &base, &Device::Cpu)
+        let e = Adapter::from_safetensors(&bytes, &fewer, &base, &crate::test_device())
             .err()
             .unwrap();
         assert!(e.to_string().contains("no place for"), "{e}");

@@ -260,8 +260,15 @@ pub fn causal_mask(t: usize, total: usize, device: &candle_core::Device) -> Resu
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let t = scores.dim(D::Minus1)?;
     if !scores.device().is_cpu() || scores.dtype() != candle_core::DType::F32 {
-        let mask = causal_mask(t, t, scores.device())?;
-        return candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?);
+        let mask = causal_mask(t, t, scores.device())?.to_dtype(scores.dtype())?;
+        let masked = (scores * scale)?.broadcast_add(&mask)?;
+        // candle-nn's fused kernel has no backward pass (gradients would not reach the
+        // queries and keys): the composed softmax when a gradient may be asked for.
+        return if masked.track_op() {
+            candle_nn::ops::softmax(&masked, D::Minus1)
+        } else {
+            candle_nn::ops::softmax_last_dim(&masked)
+        };
     }
     if scores.dim(D::Minus2)? != t {
         candle_core::bail!(
@@ -541,6 +548,55 @@ mod tests {
         let (y2, g2) = run(false);
         close(&y1, &y2, 1e-6);
         close(&g1, &g2, 1e-5);
+    }
+
+    /// The paths other devices take (here: f64 on the CPU, which takes them too) must pass
+    /// gradients: the fused f32 CPU kernels' gradients against theirs, in f32.
+    #[test]
+    fn fallback_paths_have_the_same_gradients() {
+        let dev = Device::Cpu;
+        let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let f32s = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let s = Tensor::randn(0f32, 3.0, (2, 3, 6, 6), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 8), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let (cos, sin) = (
+            Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap(),
+        );
+        let grads = |wide: bool| {
+            let cast = |t: &Tensor| if wide { f64s(t) } else { t.clone() };
+            let (sv, xv) = (
+                Var::from_tensor(&cast(&s)).unwrap(),
+                Var::from_tensor(&cast(&x)).unwrap(),
+            );
+            let att = causal_softmax(sv.as_tensor(), 0.5).unwrap();
+            let normed = rms_norm(xv.as_tensor(), &cast(&w), 1e-5).unwrap();
+            let rotated = rope(&normed, &cast(&cos), &cast(&sin)).unwrap();
+            let l = ((&att * &cast(&probe)).unwrap().sum_all().unwrap()
+                + (&rotated
+                    * &cast(
+                        &probe
+                            .narrow(3, 0, 6)
+                            .unwrap()
+                            .pad_with_zeros(3, 0, 2)
+                            .unwrap(),
+                    ))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            let g = l.backward().unwrap();
+            (
+                f32s(g.get(sv.as_tensor()).expect("softmax gradient")),
+                f32s(g.get(xv.as_tensor()).expect("norm and rotary gradient")),
+            )
+        };
+        let (gs32, gx32) = grads(false);
+        let (gs64, gx64) = grads(true);
+        close(&gs32, &gs64, 1e-4);
+        close(&gx32, &gx64, 1e-4);
     }
 
     #[test]

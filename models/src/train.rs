@@ -401,13 +401,17 @@ impl Optimiser {
                 Ok(())
             }
             Self::Tensors { vars, adamw } => {
-                let mut sq = 0f64;
-                for v in vars.iter() {
-                    if let Some(g) = grads.get(v.as_tensor()) {
-                        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-                    }
-                }
-                let norm = sq.sqrt();
+                // One read back from the device for the global norm, not one per variable.
+                let sums = vars
+                    .iter()
+                    .filter_map(|v| grads.get(v.as_tensor()))
+                    .map(|g| g.sqr()?.sum_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let norm = if sums.is_empty() {
+                    0.0
+                } else {
+                    (Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt()
+                };
                 if norm > clip {
                     for v in vars.iter() {
                         if let Some(g) = grads.get(v.as_tensor()) {
@@ -536,7 +540,7 @@ mod tests {
     /// The one-pass CPU AdamW (with clipping) equals candle's tensor AdamW over several steps.
     #[test]
     fn cpu_adamw_equals_candle_adamw() {
-        let dev = Device::Cpu;
+        let dev = crate::test_device();
         let tc = TrainConfig {
             weight_decay: 0.05,
             ..Default::default()
@@ -623,9 +627,13 @@ mod tests {
             ..Default::default()
         };
         let mut seen = 0;
-        let (_, r) = train(&cfg, &tc, &corpus, &Device::Cpu, &mut |s, _, _, _, _| {
-            seen = s
-        })
+        let (_, r) = train(
+            &cfg,
+            &tc,
+            &corpus,
+            &crate::test_device(),
+            &mut |s, _, _, _, _| seen = s,
+        )
         .unwrap();
         assert_eq!(seen, 60);
         let first = r.curve[..5].iter().map(|c| c.1).sum::<f64>() / 5.0;
@@ -637,7 +645,14 @@ mod tests {
             r.unigram_perplexity
         );
         // The same seed, the same run.
-        let (_, again) = train(&cfg, &tc, &corpus, &Device::Cpu, &mut |_, _, _, _, _| {}).unwrap();
+        let (_, again) = train(
+            &cfg,
+            &tc,
+            &corpus,
+            &crate::test_device(),
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
         assert_eq!(
             r.curve.iter().map(|c| c.1).collect::<Vec<_>>(),
             again.curve.iter().map(|c| c.1).collect::<Vec<_>>()
@@ -672,7 +687,7 @@ mod tests {
             max_seq_len: 8,
             ..Default::default()
         };
-        let device = Device::Cpu;
+        let device = crate::test_device();
         let varmap = VarMap::new();
         init_seeded(&varmap, &cfg, 3, &device).unwrap();
         let model = Transformer::new(

@@ -737,13 +737,71 @@ pub fn bench_scoring(rows: usize, k: usize, threads: usize, repeats: usize) -> R
     }
     std::hint::black_box(&out);
     let bytes = (rows * k * 4) as f64;
-    Ok(json!({
+    let mut r = json!({
         "rows": rows, "k": k, "threads": threads, "index_bytes": bytes,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "scoring_seconds": best,
         "scoring_gb_s": bytes / best / 1e9,
         "scores_per_second": rows as f64 / best,
         "fraction_of_bandwidth": bytes / best / bandwidth,
+    });
+    let device = crate::train::candle_device()?;
+    if !device.is_cpu() {
+        r["gpu"] = bench_scoring_on(&device, index, k, &query, &out, repeats)?;
+    }
+    Ok(r)
+}
+
+/// The same scoring on a GPU: the index resident in device memory, one query per pass as a
+/// matrix-vector product, against the device's copy bandwidth (bytes read + written by a
+/// device-to-device copy of the index into a buffer allocated beforehand). Checks the scores
+/// against the CPU's.
+fn bench_scoring_on(
+    device: &candle_core::Device,
+    index: Vec<f32>,
+    k: usize,
+    query: &[f32],
+    cpu_scores: &[f32],
+    repeats: usize,
+) -> Result<Value> {
+    use candle_core::Tensor;
+    let rows = index.len() / k;
+    let bytes = (rows * k * 4) as f64;
+    let index = Tensor::from_vec(index, (rows, k), device)?;
+    let q = Tensor::from_slice(query, (k, 1), device)?;
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<(f64, Tensor)> {
+        let mut out = f()?; // warm-up: kernel loading, library handles
+        device.synchronize()?;
+        let mut best = f64::MAX;
+        for _ in 0..repeats.max(1) {
+            let t = std::time::Instant::now();
+            out = f()?;
+            device.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok((best, out))
+    };
+    let dst = Tensor::zeros((rows, k), candle_core::DType::F32, device)?;
+    let (copy, _) = time(&|| {
+        dst.slice_set(&index, 0, 0)?;
+        Ok(dst.clone())
+    })?;
+    let (best, scores) = time(&|| Ok(index.matmul(&q)?))?;
+    let scores = scores.flatten_all()?.to_vec1::<f32>()?;
+    let max_abs_diff = scores
+        .iter()
+        .zip(cpu_scores)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let bandwidth = 2.0 * bytes / copy;
+    Ok(json!({
+        "device": format!("{:?}", device.location()),
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "scoring_seconds": best,
+        "scoring_gb_s": bytes / best / 1e9,
+        "scores_per_second": rows as f64 / best,
+        "fraction_of_bandwidth": bytes / best / bandwidth,
+        "max_abs_diff_vs_cpu": max_abs_diff,
     }))
 }
 

@@ -199,6 +199,16 @@ enum Command {
         #[arg(long, default_value = "auto")]
         progress: String,
     },
+    /// The training benchmark's Rust side (benchmarks/train.sh): trains a base model on DATANET
+    /// as `train` does (not registered) and writes its initial weights, every step's batch, the
+    /// settings and its loss curve and speed to OUT, for the PyTorch side to replay.
+    #[command(hide = true)]
+    TrainReference {
+        store: String,
+        datanet: String,
+        out: PathBuf,
+        steps: Option<usize>,
+    },
     /// Gradient attribution of a LoRA adapter's outputs to its training contributions.
     Attribution {
         #[command(subcommand)]
@@ -671,7 +681,7 @@ enum AttributionCommand {
         store: String,
     },
     /// Scoring speed: dot products over a `rows × k` index against this machine's measured
-    /// read bandwidth (same threads).
+    /// read bandwidth (same threads); on a GPU too when one is the device (`LEDGERFLOW_DEVICE`).
     Bench {
         #[arg(long, default_value_t = 1_000_000)]
         rows: usize,
@@ -1174,6 +1184,15 @@ fn real_main(command: Command) -> Result<i32> {
         Command::Rewards { what } => rewards_command(what).map(|()| 0),
         Command::Contracts { what } => contracts_command(what).map(|()| 0),
         Command::Epoch { what } => epoch_command(what),
+        Command::TrainReference {
+            store,
+            datanet,
+            out,
+            steps,
+        } => {
+            ledgerflow::train::train_reference(&Store::open(&store)?, &datanet, &out, steps)?;
+            Ok(0)
+        }
         Command::Train {
             datanet,
             adapter_of,

@@ -66,6 +66,8 @@ pub struct KafkaServing {
 struct Base {
     row: ModelRow,
     model: Arc<Transformer>,
+    /// Where the model's weights are, and so where its adapters are loaded.
+    device: candle_core::Device,
     tokenizer: Arc<TextTokenizer>,
     engine: std::sync::mpsc::Sender<Request>,
     max_len: usize,
@@ -245,6 +247,7 @@ pub async fn start(
                 row: row.clone(),
                 max_len: loaded.cfg.max_seq_len,
                 model,
+                device: device.clone(),
                 tokenizer: Arc::new(loaded.tokenizer),
                 engine: tx,
             },
@@ -459,8 +462,9 @@ impl AppState {
                     ));
                 }
                 let (model, config) = (base.model.clone(), named.config.clone());
+                let device = base.device.clone();
                 let adapter = tokio::task::spawn_blocking(move || {
-                    Adapter::from_safetensors(&bytes, &config, &model, &candle_core::Device::Cpu)
+                    Adapter::from_safetensors(&bytes, &config, &model, &device)
                 })
                 .await
                 .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -1292,8 +1296,9 @@ async fn load_lora_adapter(
         })?;
         // Check it fits its base before the name points at it.
         let (model, l2, w2) = (base.model.clone(), lora.clone(), weights.clone());
+        let device = base.device.clone();
         tokio::task::spawn_blocking(move || {
-            Adapter::from_safetensors(&w2, &l2, &model, &candle_core::Device::Cpu).map(|_| ())
+            Adapter::from_safetensors(&w2, &l2, &model, &device).map(|_| ())
         })
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?

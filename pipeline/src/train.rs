@@ -411,16 +411,94 @@ pub fn train_adapter(
     })
 }
 
-/// The device models run on: CPU, or the first CUDA GPU when built with the `cuda` feature.
+/// The Rust side of the training benchmark (`benchmarks/train.sh`, `ledgerflow train-reference`):
+/// trains a base model on `datanet` exactly as `ledgerflow train` does (default settings,
+/// `steps` if given; not registered), and writes what the PyTorch side needs to train the same
+/// model on the same batches from the same initial weights:
+///
+///   OUT/init.safetensors  the seeded initial parameters (the names of `ModelConfig::parameters`)
+///   OUT/batches.u32       every step's batch, `steps × batch_size × (seq_len + 1)` u32 LE
+///   OUT/run.json          model and training settings, and the learning rate of every step
+///   OUT/ours.json         our loss per step, seconds and tokens/s of the training loop, device
+pub fn train_reference(
+    store: &Store,
+    datanet: &str,
+    out: &std::path::Path,
+    steps: Option<usize>,
+) -> Result<()> {
+    let mut file = TrainFile::default();
+    if let Some(s) = steps {
+        file.train.steps = s;
+    }
+    std::fs::create_dir_all(out)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (cfg, corpus) = base_corpus(&rt, store, datanet, &file)?;
+    let tc = file.train;
+    let device = candle_device()?;
+
+    let varmap = candle_nn::VarMap::new();
+    ledgerflow_models::model::init_seeded(&varmap, &cfg, tc.seed, &device)?;
+    varmap.save(out.join("init.safetensors"))?;
+    let mut bytes = Vec::with_capacity(tc.steps * tc.batch_size * (tc.seq_len + 1) * 4);
+    for batch in ledgerflow_models::train::batches(&tc, &corpus) {
+        bytes.extend(batch.iter().flat_map(|t| t.to_le_bytes()));
+    }
+    std::fs::write(out.join("batches.u32"), bytes)?;
+    let lrs: Vec<f64> = (0..tc.steps).map(|s| tc.lr_at(s)).collect();
+    let run = serde_json::json!({ "model": cfg, "train": tc, "learning_rates": lrs });
+    std::fs::write(out.join("run.json"), serde_json::to_vec_pretty(&run)?)?;
+
+    let (_, report) =
+        ledgerflow_models::train(&cfg, &tc, &corpus, &device, &mut |_, _, _, _, _| {})?;
+    let ours = serde_json::json!({
+        "losses": report.curve.iter().map(|c| c.1).collect::<Vec<_>>(),
+        "seconds": report.seconds,
+        "tokens_per_second": report.tokens_per_second,
+        "val_loss": report.val_loss,
+        "threads": candle_core::utils::get_num_threads(),
+        "device": format!("{:?}", device.location()),
+    });
+    std::fs::write(out.join("ours.json"), serde_json::to_vec_pretty(&ours)?)?;
+    eprintln!(
+        "ours: {} steps, {:.2} s, {:.0} tokens/s, final loss {:.4}",
+        tc.steps,
+        report.seconds,
+        report.tokens_per_second,
+        report.curve.last().map_or(f64::NAN, |c| c.1)
+    );
+    Ok(())
+}
+
+/// The device models run on, from `LEDGERFLOW_DEVICE`: `cpu`, `cuda` (GPU 0) or `cuda:N`. Unset
+/// or empty: the first CUDA GPU when built with the `cuda` feature, else the CPU.
 pub fn candle_device() -> Result<candle_core::Device> {
-    #[cfg(feature = "cuda")]
-    {
-        Ok(candle_core::Device::new_cuda(0)?)
+    let choice = std::env::var("LEDGERFLOW_DEVICE").unwrap_or_default();
+    match gpu_ordinal(&choice)? {
+        None => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Some(n) => Ok(candle_core::Device::new_cuda(n)
+            .with_context(|| format!("LEDGERFLOW_DEVICE: CUDA GPU {n}"))?),
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => bail!(
+            "LEDGERFLOW_DEVICE={choice:?}: this ledgerflow was built without the `cuda` feature \
+             (cargo build --release -p ledgerflow --features cuda)"
+        ),
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Ok(candle_core::Device::Cpu)
-    }
+}
+
+/// `LEDGERFLOW_DEVICE`'s value → the CUDA GPU it names, or `None` for the CPU.
+fn gpu_ordinal(choice: &str) -> Result<Option<usize>> {
+    Ok(match choice.trim() {
+        "" if cfg!(feature = "cuda") => Some(0),
+        "" | "cpu" => None,
+        "cuda" => Some(0),
+        c => match c.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Some(n),
+            _ => bail!(
+                "LEDGERFLOW_DEVICE={c:?}: expected `cpu`, `cuda` or `cuda:N` (N a GPU ordinal)"
+            ),
+        },
+    })
 }
 
 struct Registered<'a> {
@@ -506,5 +584,28 @@ fn yaml_to_json(node: &marked_yaml::Node) -> serde_json::Value {
                 .map(|(k, v)| (k.as_str().to_string(), yaml_to_json(v)))
                 .collect(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_ordinal;
+
+    #[test]
+    fn device_choice() {
+        assert_eq!(gpu_ordinal("cpu").unwrap(), None);
+        assert_eq!(gpu_ordinal(" cuda ").unwrap(), Some(0));
+        assert_eq!(gpu_ordinal("cuda:3").unwrap(), Some(3));
+        assert_eq!(
+            gpu_ordinal("").unwrap(),
+            cfg!(feature = "cuda").then_some(0)
+        );
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            let e = gpu_ordinal(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("expected `cpu`, `cuda` or `cuda:N`"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
