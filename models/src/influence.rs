@@ -7,11 +7,11 @@
 
 use std::cell::RefCell;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
 
 use crate::lora::{peft_name, Adapter};
-use crate::model::{LowRank, Rows, Transformer};
+use crate::model::{LowRank, OutputGrad, Rows, Transformer};
 
 /// Per-example gradients: one row per example, one column per adapter parameter.
 pub struct ExampleGrads {
@@ -46,19 +46,50 @@ pub fn per_example_grads(
         let pair = adapter
             .pair(&c.path)
             .ok_or_else(|| candle_core::Error::msg(format!("no pair for {}", c.path)))?;
-        let delta = match grads.get(&c.d) {
-            Some(g) => (g * n as f64)?,
-            None => c.d.zeros_like()?,
-        };
         let s = pair.scale;
+        // δ (the output gradient, scaled to the example's own loss) and ∂L/∂h = s·δ·B.
+        let (delta, gh) = match &c.grad {
+            OutputGrad::Probe(p) => {
+                let delta = match grads.get(p) {
+                    Some(g) => (g * n as f64)?,
+                    None => p.zeros_like()?,
+                };
+                let gh = (delta.broadcast_matmul(&pair.bt.t()?.contiguous()?)? * s)?;
+                (delta, gh)
+            }
+            OutputGrad::Tap(tap) => {
+                let mut tap = tap.lock().expect("lora tap");
+                let shape = c.h.dims().to_vec();
+                match (tap.delta.take(), tap.gh.take()) {
+                    (Some(d), Some(gh)) => {
+                        let mut out = shape.clone();
+                        *out.last_mut().expect("h has a last dimension") = d.dim(D::Minus1)?;
+                        (
+                            (d.reshape(out)? * n as f64)?,
+                            (gh.reshape(shape)? * n as f64)?,
+                        )
+                    }
+                    _ => {
+                        let out = c.x.dims()[..c.x.rank() - 1]
+                            .iter()
+                            .copied()
+                            .chain([pair.bt.dim(1)?])
+                            .collect::<Vec<_>>();
+                        (
+                            Tensor::zeros(out, c.h.dtype(), c.h.device())?,
+                            c.h.zeros_like()?,
+                        )
+                    }
+                }
+            }
+        };
         // B (PEFT [out, r]) = btᵀ; ∂L/∂B = s·δᵀh.
         let gb = (delta
             .transpose(1, 2)?
             .contiguous()?
             .matmul(&c.h.contiguous()?)?
             * s)?;
-        // ∂L/∂h = s·δ·B; ∂L/∂A = (∂L/∂h)ᵀ x.
-        let gh = (delta.broadcast_matmul(&pair.bt.t()?.contiguous()?)? * s)?;
+        // ∂L/∂A = (∂L/∂h)ᵀ x.
         let ga = gh
             .transpose(1, 2)?
             .contiguous()?
@@ -232,6 +263,31 @@ mod tests {
             .sqrt();
         let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
         num / den.max(1e-12)
+    }
+
+    /// The fused CPU projection (a frozen base) and the composed ops with a zero probe (the
+    /// path of other devices, and of a base whose weights are variables) give the same
+    /// per-example gradients.
+    #[test]
+    fn the_fused_and_the_composed_paths_agree() {
+        let (frozen, adapter, _avm, windows) = setup();
+        let vm = VarMap::new();
+        init_seeded(&vm, &frozen.cfg, 9, &crate::test_device()).unwrap();
+        let variable = Transformer::new(
+            &frozen.cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &crate::test_device()),
+        )
+        .unwrap();
+        let a = per_example_grads(&frozen, &adapter, &windows).unwrap();
+        let b = per_example_grads(&variable, &adapter, &windows).unwrap();
+        assert_eq!(a.params, b.params);
+        let (a, b) = (
+            a.grads.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.grads.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(b.iter().any(|v| *v != 0.0));
+        let e = rel(&a, &b);
+        assert!(e <= 1e-5, "relative error {e}");
     }
 
     /// Per-example gradients from one batched backward pass equal those of one backward pass

@@ -184,7 +184,41 @@ impl Proj {
     /// `x·Wᵀ` for the whole batch (one base matmul), plus each adapter's scaled `x·Aᵀ·Bᵀ` on
     /// its rows.
     fn forward(&self, x: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
-        let mut y = self.linear.forward(x)?;
+        if let (Some(capture), [(adapter, None)]) = (&rows.capture, &rows.groups[..]) {
+            if let Some(pair) = adapter.pair(&self.path) {
+                let tap =
+                    std::sync::Arc::new(std::sync::Mutex::new(crate::ops::LoraTap::default()));
+                let fused = crate::ops::lora_linear_tapped(
+                    x,
+                    &self.linear,
+                    &pair.at,
+                    &pair.bt,
+                    pair.scale,
+                    tap.clone(),
+                )?;
+                if let Some(y) = fused {
+                    let h = tap.lock().expect("lora tap").h.take();
+                    let h = h
+                        .ok_or_else(|| candle_core::Error::msg("lora tap: no activation"))?
+                        .reshape(
+                            y.dims()
+                                .iter()
+                                .take(y.rank() - 1)
+                                .copied()
+                                .chain([pair.rank()])
+                                .collect::<Vec<_>>(),
+                        )?;
+                    capture.borrow_mut().push(Captured {
+                        path: self.path.clone(),
+                        x: x.clone(),
+                        h,
+                        grad: OutputGrad::Tap(tap),
+                    });
+                    return Ok(y);
+                }
+            }
+        }
+        let mut y = crate::ops::linear(x, &self.linear)?;
         if let Some(per_row) = &rows.per_row {
             if let Some(d) = self.gathered_delta(x, per_row)? {
                 y = (y + d)?;
@@ -210,7 +244,7 @@ impl Proj {
                             path: self.path.clone(),
                             x: x.clone(),
                             h: h.clone(),
-                            d: probe.clone(),
+                            grad: OutputGrad::Probe(probe.clone()),
                         });
                     }
                     ((y + d)? + probe)?
@@ -331,14 +365,23 @@ pub struct Rows<'a> {
 }
 
 /// What an adapted projection saw in one forward pass: its input `x` `[batch, time, in]`, the
-/// rank-r activation `h = x·Aᵀ`, and `d`, a zero variable added to its output
-/// `[batch, time, out]` whose gradient is the output's.
+/// rank-r activation `h = x·Aᵀ` `[batch, time, r]`, and where its output gradient will be.
 #[derive(Clone)]
 pub struct Captured {
     pub path: String,
     pub x: Tensor,
     pub h: Tensor,
-    pub d: Tensor,
+    pub grad: OutputGrad,
+}
+
+/// Where a captured projection's output gradient `[batch, time, out]` is found after the
+/// backward pass.
+#[derive(Clone)]
+pub enum OutputGrad {
+    /// A zero variable added to the output (candle keeps the gradients of variables only).
+    Probe(Tensor),
+    /// The fused CPU op's tap (`ops::lora_linear_tapped`), which also keeps `s·δ·B`.
+    Tap(std::sync::Arc<std::sync::Mutex<crate::ops::LoraTap>>),
 }
 
 impl<'a> Rows<'a> {
@@ -587,7 +630,7 @@ impl Transformer {
             let h = b.mlp.forward(&b.mlp_norm.forward(&x)?, rows)?;
             x = (x + h)?;
         }
-        self.head.forward(&self.norm.forward(&x)?)
+        crate::ops::linear(&self.norm.forward(&x)?, &self.head)
     }
 
     /// One step of generation for a batch of sequences: `tokens` `[batch, new]` continue the

@@ -123,6 +123,227 @@ impl CustomOp2 for CrossEntropy {
     }
 }
 
+/// `x·Wᵀ` for a frozen weight `w` `[out, in]` (not a variable), `x` `[…, in]`: the same
+/// product as `candle_nn::Linear`, with a backward pass that gives `x` its gradient and nothing
+/// else. candle's matmul backward also computes the gradient of the right-hand side, tracked or
+/// not — for a frozen base under a LoRA adapter, the whole base's weight gradients (the LM
+/// head's alone is as many FLOPs as its forward product), each in a zero-filled buffer, then
+/// dropped. A variable `w`, or an `x` without a gradient, takes `Linear`'s path.
+pub fn linear(x: &Tensor, layer: &candle_nn::Linear) -> Result<Tensor> {
+    use candle_nn::Module;
+    let w = layer.weight();
+    let dev = x.device();
+    if w.is_variable()
+        || !x.track_op()
+        || layer.bias().is_some()
+        || !(dev.is_cpu() || dev.is_cuda())
+    {
+        return layer.forward(x);
+    }
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m = x.elem_count() / k.max(1);
+    let y = x
+        .contiguous()?
+        .reshape((m, k))?
+        .apply_op2(&w.t()?, FrozenMatmul)?;
+    let mut out = dims;
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// `x·wt` for `x` `[m, k]` and a frozen `wt` `[k, n]` (a transposed weight): candle's own
+/// matmul forward; backward, the gradient of `x` only.
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    fn bmnk(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (k2, n) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: [{m}, {k}] by [{k2}, {n}]");
+        }
+        Ok((1, m, n, k))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "ledgerflow-frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let bmnk = Self::bmnk(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, l1, l2)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let bmnk = Self::bmnk(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, l1, l2)?, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        wt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&wt.t()?)?), None))
+    }
+}
+
+/// What [`lora_linear_tapped`] keeps of one adapted projection for per-example gradients:
+/// its rank-r activation `h = x·Aᵀ` `[m, r]` (forward), its output gradient `δ` `[m, out]` and
+/// `s·δ·B` `[m, r]` (backward).
+#[derive(Default)]
+pub struct LoraTap {
+    pub h: Option<Tensor>,
+    pub delta: Option<Tensor>,
+    pub gh: Option<Tensor>,
+}
+
+/// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for a frozen base weight `w` `[out, in]` and a LoRA pair (`at`
+/// `[in, r]`, `bt` `[r, out]`) in one graph node, for per-example gradients: the forward pass
+/// keeps `h` and the backward pass keeps the output gradient in `tap`, and gives `x` its
+/// gradient `δ·W + s·δ·B·A` and nothing else (candle would also compute, zero-fill and sum
+/// gradients for `W`, `A`, `B`, `h` and the low-rank product, none of which is wanted here).
+/// `None` where it does not apply (not the CPU, not f32, a bias or a variable base weight):
+/// the caller then composes the ops.
+pub fn lora_linear_tapped(
+    x: &Tensor,
+    layer: &candle_nn::Linear,
+    at: &Tensor,
+    bt: &Tensor,
+    scale: f64,
+    tap: std::sync::Arc<std::sync::Mutex<LoraTap>>,
+) -> Result<Option<Tensor>> {
+    let w = layer.weight();
+    if !x.device().is_cpu()
+        || x.dtype() != candle_core::DType::F32
+        || w.is_variable()
+        || layer.bias().is_some()
+    {
+        return Ok(None);
+    }
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m = x.elem_count() / k.max(1);
+    // A one-element variable as third argument puts the op in the graph even where nothing
+    // before it is (the first layer under a frozen embedding); its gradient is never asked for.
+    let anchor = candle_core::Var::zeros(1, x.dtype(), x.device())?;
+    let y = x.contiguous()?.reshape((m, k))?.apply_op3(
+        &w.t()?,
+        anchor.as_tensor(),
+        LoraMatmul {
+            at: at.clone(),
+            bt: bt.clone(),
+            scale,
+            tap,
+        },
+    )?;
+    let mut out = dims;
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    Ok(Some(y.reshape(out)?))
+}
+
+struct LoraMatmul {
+    at: Tensor,
+    bt: Tensor,
+    scale: f64,
+    tap: std::sync::Arc<std::sync::Mutex<LoraTap>>,
+}
+
+fn cpu_storage<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("{what}: expected a CPU tensor"),
+    }
+}
+
+impl CustomOp3 for LoraMatmul {
+    fn name(&self) -> &'static str {
+        "ledgerflow-lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        _anchor: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let bmnk = FrozenMatmul::bmnk(l1, l2)?;
+        let (_, m, n, k) = bmnk;
+        let base = s1.matmul(s2, bmnk, l1, l2)?;
+        let (at_s, at_l) = self.at.storage_and_layout();
+        let (bt_s, bt_l) = self.bt.storage_and_layout();
+        let (k2, r) = at_l.shape().dims2()?;
+        let (r2, n2) = bt_l.shape().dims2()?;
+        if (k2, r2, n2) != (k, r, n) {
+            candle_core::bail!(
+                "lora matmul: A [{k2}, {r}] and B [{r2}, {n2}] for [{m}, {k}] → {n}"
+            );
+        }
+        let h = s1.matmul(cpu_storage(&at_s, "lora A")?, (1, m, r, k), l1, at_l)?;
+        let d = h.matmul(
+            cpu_storage(&bt_s, "lora B")?,
+            (1, m, n, r),
+            &Layout::contiguous((m, r)),
+            bt_l,
+        )?;
+        let (CpuStorage::F32(mut out), CpuStorage::F32(d), CpuStorage::F32(h)) = (base, d, h)
+        else {
+            candle_core::bail!("lora matmul: expected f32");
+        };
+        // The composed ops' rounding: (h·Bᵀ)·s, then added.
+        let s = self.scale as f32;
+        out.iter_mut().zip(&d).for_each(|(o, d)| *o += d * s);
+        self.tap.lock().expect("lora tap").h =
+            Some(Tensor::from_vec(h, (m, r), &candle_core::Device::Cpu)?);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wt: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gh = (grad.matmul(&self.bt.t()?)? * self.scale)?;
+        // The first layer's input (the frozen embedding) needs no gradient.
+        let dx = if x.track_op() {
+            Some((grad.matmul(&wt.t()?)? + gh.matmul(&self.at.t()?)?)?)
+        } else {
+            None
+        };
+        let mut tap = self.tap.lock().expect("lora tap");
+        tap.delta = Some(grad.clone());
+        tap.gh = Some(gh);
+        Ok((dx, None, None))
+    }
+}
+
 /// RMSNorm over the last dimension, `x / √(mean(x²) + eps) · weight`, with its backward pass.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {

@@ -427,6 +427,63 @@ impl Optimiser {
     }
 }
 
+/// A batch's mean loss as a graph (`[batch, time + 1]` windows in).
+type LossFn<'a> = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Sync + 'a;
+
+/// Micro-batches of a CPU step. candle runs element-wise ops and reductions on one thread
+/// (`ledgerflow::tune_threads` turns its spinning pool off), so a step runs as this many
+/// micro-batches side by side on rayon's threads, their gradients averaged — a fixed number,
+/// so that the result does not depend on the machine's cores (CPU training stays
+/// deterministic for a seed).
+const MICRO_BATCHES: usize = 4;
+
+/// The batch's mean loss and the gradients of `vars`: in [`MICRO_BATCHES`] equal parts on
+/// the CPU (the mean of the parts' means is the batch mean: every window has the same length),
+/// in one pass elsewhere.
+fn loss_and_grads(
+    windows: &Tensor,
+    vars: &[candle_core::Var],
+    device: &Device,
+    loss_of: &LossFn<'_>,
+) -> candle_core::Result<(f64, candle_core::backprop::GradStore)> {
+    use rayon::prelude::*;
+    let n = windows.dim(0)?;
+    if !device.is_cpu() || n < MICRO_BATCHES || n % MICRO_BATCHES != 0 {
+        let loss = loss_of(windows)?;
+        let grads = loss.backward()?;
+        return Ok((loss.to_scalar::<f32>()? as f64, grads));
+    }
+    let rows = n / MICRO_BATCHES;
+    let parts = (0..MICRO_BATCHES)
+        .into_par_iter()
+        .map(|i| {
+            let loss = loss_of(&windows.narrow(0, i * rows, rows)?)?;
+            let grads = loss.backward()?;
+            Ok((loss.to_scalar::<f32>()? as f64, grads))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut parts = parts.into_iter();
+    let (mut total, mut grads) = parts.next().expect("at least one micro-batch");
+    let rest: Vec<_> = parts.collect();
+    let scale = 1.0 / MICRO_BATCHES as f64;
+    for v in vars {
+        let mut sum = grads.get(v.as_tensor()).cloned();
+        for (_, g) in &rest {
+            if let Some(g) = g.get(v.as_tensor()) {
+                sum = Some(match sum {
+                    Some(s) => (s + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        if let Some(s) = sum {
+            grads.insert(v.as_tensor(), (s * scale)?);
+        }
+    }
+    total += rest.iter().map(|(l, _)| l).sum::<f64>();
+    Ok((total * scale, grads))
+}
+
 /// The training loop shared by base models and adapters: seeded random windows, AdamW on
 /// `vars`, warm-up + cosine, global-norm clipping; then the validation report.
 fn fit(
@@ -436,7 +493,7 @@ fn fit(
     corpus: &Corpus,
     device: &Device,
     progress: Progress<'_>,
-    loss_of: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    loss_of: &LossFn<'_>,
 ) -> candle_core::Result<TrainReport> {
     let (names, vars): (Vec<String>, Vec<candle_core::Var>) = named.into_iter().unzip();
     let mut opt = Optimiser::new(vars.clone(), tc)?;
@@ -446,11 +503,9 @@ fn fit(
     let (mut checkpoints, mut snapshots) = (Vec::new(), Vec::new());
     for (step, batch) in batches(tc, corpus).enumerate() {
         let windows = Tensor::from_vec(batch, (tc.batch_size, window), device)?;
-        let loss = loss_of(&windows)?;
-        let grads = loss.backward()?;
+        let (l, grads) = loss_and_grads(&windows, &vars, device, loss_of)?;
         let lr = tc.lr_at(step);
         opt.step(grads, lr, tc.grad_clip)?;
-        let l = loss.to_scalar::<f32>()? as f64;
         curve.push((step, l, lr));
         let k = tc.checkpoints.min(tc.steps);
         if k > 0 && (1..=k).any(|c| c * tc.steps / k == step + 1) {

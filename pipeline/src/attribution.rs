@@ -24,11 +24,28 @@ use crate::train::{find, load_base, registry, LoadedBase, ModelRow};
 /// Name of the engine table of projected gradients.
 pub const GRADIENTS_TABLE: &str = "gradients";
 
-/// The `gradients` table: one row per (contribution, checkpoint) of an adapter, the projected
-/// gradient as a list of f32 (k = its length, the same for all rows of an adapter version), and
-/// the projection's seed. A list rather than a fixed-size list: every table of the store is
-/// one SQL table, and adapters indexed with different k must merge into it.
+/// The `gradients` table: one row per (contribution, checkpoint) of an adapter and the
+/// projection's seed, and the projected gradient. Each adapter's file stores the gradient as a
+/// fixed-size list of k f32 (`FixedSizeList<f32, k>`: readers of the file — Arrow, polars,
+/// pyarrow — get a `[rows, k]` block); [`gradient_table_schema`] is the SQL table over every
+/// adapter's file, where the same column is a list (adapters indexed with different k share
+/// the table; DataFusion casts each file's fixed-size list on reading).
 pub fn gradient_schema(k: usize) -> SchemaRef {
+    gradient_schema_with(DataType::FixedSizeList(
+        Arc::new(Field::new_list_field(DataType::Float32, false)),
+        k as i32,
+    ))
+}
+
+/// The `gradients` SQL table: [`gradient_schema`] with the gradient as `List<f32>`.
+pub fn gradient_table_schema() -> SchemaRef {
+    gradient_schema_with(DataType::List(Arc::new(Field::new_list_field(
+        DataType::Float32,
+        false,
+    ))))
+}
+
+fn gradient_schema_with(gradient: DataType) -> SchemaRef {
     static BASE: LazyLock<Vec<Field>> = LazyLock::new(|| {
         vec![
             Field::new("content_hash", DataType::Utf8, false),
@@ -42,12 +59,7 @@ pub fn gradient_schema(k: usize) -> SchemaRef {
         ]
     });
     let mut fields = BASE.clone();
-    let _ = k;
-    fields.push(Field::new(
-        "gradient",
-        DataType::List(Arc::new(Field::new_list_field(DataType::Float32, false))),
-        false,
-    ));
+    fields.push(Field::new("gradient", gradient, false));
     fields.push(Field::new(
         "created_at",
         DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
@@ -131,7 +143,11 @@ fn window(ids: &[u16], len: usize) -> Vec<u32> {
 }
 
 /// Projected per-example gradients of `windows` (any lengths ≥ 2; batched by length) at one
-/// checkpoint: one row per window, in order.
+/// checkpoint: one row per window, in order. On the CPU the batches run side by side, one per
+/// rayon worker: candle runs its element-wise ops and reductions on one thread, so batch
+/// parallelism keeps every core busy where parallel gemms alone leave them waiting (a gemm
+/// called from a busy worker keeps its work on that worker). Each batch's result does not
+/// depend on which thread ran it.
 fn projected(
     base: &LoadedBase,
     adapter: &Adapter,
@@ -141,28 +157,52 @@ fn projected(
     batch: usize,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut out = vec![Vec::new(); windows.len()];
-    let mut projector: Option<Projector> = None;
+    use rayon::prelude::*;
     let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, w) in windows.iter().enumerate() {
         by_len.entry(w.len()).or_default().push(i);
     }
-    for (len, idx) in by_len {
-        for chunk in idx.chunks(batch.max(1)) {
-            let flat: Vec<u32> = chunk.iter().flat_map(|&i| windows[i].clone()).collect();
-            let t = Tensor::from_vec(flat, (chunk.len(), len), device)?;
-            let g: ExampleGrads = per_example_grads(&base.model, adapter, &t)?;
-            if projector.is_none() {
-                projector = Some(Projector::new(&g.params, k, seed, device)?);
-            }
-            let p = projector
-                .as_ref()
-                .expect("set")
-                .project(&g)?
-                .to_vec2::<f32>()?;
-            for (&i, row) in chunk.iter().zip(p) {
-                out[i] = row;
-            }
+    // Longest first, so that the last jobs to start are the short ones.
+    let jobs: Vec<(usize, &[usize])> = by_len
+        .iter()
+        .rev()
+        .flat_map(|(&len, idx)| idx.chunks(batch.max(1)).map(move |c| (len, c)))
+        .collect();
+    let grads = |&(len, chunk): &(usize, &[usize])| -> Result<ExampleGrads> {
+        let flat: Vec<u32> = chunk.iter().flat_map(|&i| windows[i].clone()).collect();
+        let t = Tensor::from_vec(flat, (chunk.len(), len), device)?;
+        Ok(per_example_grads(&base.model, adapter, &t)?)
+    };
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
+    };
+    // The first batch names the parameter blocks the projector needs.
+    let g = grads(first)?;
+    let projector = Projector::new(&g.params, k, seed, device)?;
+    let run = |job: &(usize, &[usize]), g: Option<ExampleGrads>| -> Result<Vec<Vec<f32>>> {
+        let g = match g {
+            Some(g) => g,
+            None => grads(job)?,
+        };
+        Ok(projector.project(&g)?.to_vec2::<f32>()?)
+    };
+    let mut results = vec![run(first, Some(g))?];
+    if device.is_cpu() {
+        results.extend(
+            jobs[1..]
+                .par_iter()
+                .map(|job| run(job, None))
+                .collect::<Result<Vec<_>>>()?,
+        );
+    } else {
+        for job in &jobs[1..] {
+            results.push(run(job, None)?);
+        }
+    }
+    let mut out = vec![Vec::new(); windows.len()];
+    for ((_, chunk), rows) in jobs.iter().zip(results) {
+        for (&i, row) in chunk.iter().zip(rows) {
+            out[i] = row;
         }
     }
     Ok(out)
@@ -248,17 +288,20 @@ fn gradient_batch(
     seed: u64,
 ) -> Result<arrow_array::RecordBatch> {
     use arrow_array::{
-        ArrayRef, Float32Array, Float64Array, ListArray, RecordBatch, StringArray,
+        ArrayRef, FixedSizeListArray, Float32Array, Float64Array, RecordBatch, StringArray,
         TimestampMillisecondArray, UInt32Array, UInt64Array,
     };
     let n = rows.len();
     let text = |f: &dyn Fn(&GradRow) -> String| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
     };
+    if let Some(r) = rows.iter().find(|r| r.3.len() != k) {
+        bail!("a projected gradient of {} values for k = {k}", r.3.len());
+    }
     let values = Float32Array::from_iter_values(rows.iter().flat_map(|r| r.3.iter().copied()));
-    let list = ListArray::try_new(
+    let list = FixedSizeListArray::try_new(
         Arc::new(Field::new_list_field(DataType::Float32, false)),
-        arrow::buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(k, n)),
+        k as i32,
         Arc::new(values),
         None,
     )?;
@@ -876,6 +919,69 @@ mod tests {
             let a = *a as f64 * factor;
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} against {b}");
         }
+    }
+
+    /// Each adapter's file keeps the gradient as `FixedSizeList<f32, k>`; the SQL table reads
+    /// adapters of different k side by side as lists, values unchanged.
+    #[tokio::test]
+    async fn gradient_files_are_fixed_size_and_share_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let docs = vec![
+            ("0xaa".to_string(), "0x01".to_string(), vec![1u32, 2]),
+            ("0xbb".to_string(), "0x02".to_string(), vec![3u32, 4]),
+        ];
+        for (id, k) in [("a-lora-1", 3usize), ("a-lora-2", 5)] {
+            let row = ModelRow {
+                id: id.into(),
+                kind: "adapter".into(),
+                parent: Some("a-base".into()),
+                datanet: "a".into(),
+                artifact_uri: String::new(),
+                content_hash: format!("gen-{id}"),
+                hyperparameters: "{}".into(),
+                val_perplexity: 1.0,
+                created_at_ms: 0,
+            };
+            let rows: Vec<GradRow> = (0..2)
+                .map(|i| (i, 7, 0.1, (0..k).map(|j| (i * 10 + j) as f32).collect()))
+                .collect();
+            let batch = gradient_batch(&row, &docs, &rows, k, 42).unwrap();
+            assert_eq!(
+                batch
+                    .schema()
+                    .field_with_name("gradient")
+                    .unwrap()
+                    .data_type(),
+                &DataType::FixedSizeList(
+                    Arc::new(Field::new_list_field(DataType::Float32, false)),
+                    k as i32
+                )
+            );
+            crate::tokens::put_table_file(
+                &store,
+                GRADIENTS_TABLE,
+                &batch,
+                "created_at",
+                &format!("{id}.parquet"),
+            )
+            .await
+            .unwrap();
+            // A wrong length is refused, not written.
+            let mut bad = rows.clone();
+            bad[1].3.pop();
+            assert!(gradient_batch(&row, &docs, &bad, k, 42).is_err());
+        }
+        let got = read_index(&store, "a-lora-2", "gen-a-lora-2")
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].gradient, vec![10.0, 11.0, 12.0, 13.0, 14.0]);
+        assert_eq!(got[1].contributor, "0x02");
+        let got = read_index(&store, "a-lora-1", "gen-a-lora-1")
+            .await
+            .unwrap();
+        assert_eq!(got[0].gradient, vec![0.0, 1.0, 2.0]);
     }
 
     #[test]

@@ -792,6 +792,7 @@ enum DatanetCommand {
 
 fn main() {
     ledgerflow::tune_allocator();
+    ledgerflow::tune_threads();
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Run { .. } | Command::Quickstart { .. } | Command::Broker { .. } => "info",

@@ -91,6 +91,9 @@ fn known_schema(kind: TableKind, name: &str) -> Option<SchemaRef> {
         (TableKind::Engine, ATTRIBUTIONS_TABLE) => Some(attribution_schema()),
         (TableKind::Engine, INFERENCES_TABLE) => Some(inference_schema()),
         (TableKind::Engine, MODELS_TABLE) => Some(model_schema()),
+        (TableKind::Engine, crate::attribution::GRADIENTS_TABLE) => {
+            Some(crate::attribution::gradient_table_schema())
+        }
         _ => None,
     }
 }
