@@ -47,11 +47,14 @@ pub fn per_example_grads(
             .pair(&c.path)
             .ok_or_else(|| candle_core::Error::msg(format!("no pair for {}", c.path)))?;
         let s = pair.scale;
-        // δ (the output gradient, scaled to the example's own loss) and ∂L/∂h = s·δ·B.
+        // δ (the output gradient), ∂L/∂h = s·δ·B, and the factors that scale ∂L/∂B = s·δᵀh and
+        // ∂L/∂A = (∂L/∂h)ᵀx to the example's own loss (n times its share of the batch mean) —
+        // applied to the small products rather than to δ.
+        let nf = n as f64;
         let (delta, gh) = match &c.grad {
             OutputGrad::Probe(p) => {
                 let delta = match grads.get(p) {
-                    Some(g) => (g * n as f64)?,
+                    Some(g) => g.clone(),
                     None => p.zeros_like()?,
                 };
                 let gh = (delta.broadcast_matmul(&pair.bt.t()?.contiguous()?)? * s)?;
@@ -64,10 +67,7 @@ pub fn per_example_grads(
                     (Some(d), Some(gh)) => {
                         let mut out = shape.clone();
                         *out.last_mut().expect("h has a last dimension") = d.dim(D::Minus1)?;
-                        (
-                            (d.reshape(out)? * n as f64)?,
-                            (gh.reshape(shape)? * n as f64)?,
-                        )
+                        (d.reshape(out)?, gh.reshape(shape)?)
                     }
                     _ => {
                         let out = c.x.dims()[..c.x.rank() - 1]
@@ -83,17 +83,19 @@ pub fn per_example_grads(
                 }
             }
         };
-        // B (PEFT [out, r]) = btᵀ; ∂L/∂B = s·δᵀh.
-        let gb = (delta
-            .transpose(1, 2)?
-            .contiguous()?
-            .matmul(&c.h.contiguous()?)?
-            * s)?;
+        // B (PEFT [out, r]) = btᵀ; ∂L/∂B = s·δᵀh. (The CPU's matmul takes the transposed
+        // operands as they are; other devices get them contiguous.)
+        let t = |x: Tensor| -> Result<Tensor> {
+            let x = x.transpose(1, 2)?;
+            if x.device().is_cpu() {
+                Ok(x)
+            } else {
+                x.contiguous()
+            }
+        };
+        let gb = (t(delta)?.matmul(&c.h.contiguous()?)? * (s * nf))?;
         // ∂L/∂A = (∂L/∂h)ᵀ x.
-        let ga = gh
-            .transpose(1, 2)?
-            .contiguous()?
-            .matmul(&c.x.contiguous()?)?;
+        let ga = (t(gh)?.matmul(&c.x.contiguous()?)? * nf)?;
         let (r, inp) = (ga.dim(1)?, ga.dim(2)?);
         let out = gb.dim(1)?;
         params.push((peft_name(&c.path, 'A'), vec![r, inp]));
