@@ -68,6 +68,21 @@ fn gradient_schema_with(gradient: DataType) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// The file of one adapter version's gradients: one file per generation (the version's
+/// content hash in its name), so indexing a new version of an adapter never replaces the
+/// gradients of the version still being served, and a reader of one generation reads one file
+/// (the others are pruned by the `generation` column's statistics). Indexing the same version
+/// again on the same day replaces its file.
+fn gradient_file(adapter_id: &str, generation: &str) -> String {
+    let g: String = generation
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(16)
+        .collect();
+    format!("{adapter_id}.{g}.parquet")
+}
+
 /// An adapter ready for gradients: its base, its settings and its checkpoints.
 struct Loaded {
     row: ModelRow,
@@ -259,7 +274,7 @@ pub fn build_index(
         GRADIENTS_TABLE,
         &batch,
         "created_at",
-        &format!("{adapter_id}.parquet"),
+        &gradient_file(adapter_id, &l.row.content_hash),
     ))?;
     Ok(json!({
         "model": adapter_id,
@@ -931,14 +946,20 @@ mod tests {
             ("0xaa".to_string(), "0x01".to_string(), vec![1u32, 2]),
             ("0xbb".to_string(), "0x02".to_string(), vec![3u32, 4]),
         ];
-        for (id, k) in [("a-lora-1", 3usize), ("a-lora-2", 5)] {
+        // Two adapters of different k, and a second version of the first (same id, another
+        // generation): three files, none replacing another.
+        for (id, generation, k) in [
+            ("a-lora-1", "0xaaaa01", 3usize),
+            ("a-lora-2", "0xbbbb02", 5),
+            ("a-lora-1", "0xaaaa03", 4),
+        ] {
             let row = ModelRow {
                 id: id.into(),
                 kind: "adapter".into(),
                 parent: Some("a-base".into()),
                 datanet: "a".into(),
                 artifact_uri: String::new(),
-                content_hash: format!("gen-{id}"),
+                content_hash: generation.into(),
                 hyperparameters: "{}".into(),
                 val_perplexity: 1.0,
                 created_at_ms: 0,
@@ -963,7 +984,7 @@ mod tests {
                 GRADIENTS_TABLE,
                 &batch,
                 "created_at",
-                &format!("{id}.parquet"),
+                &gradient_file(id, generation),
             )
             .await
             .unwrap();
@@ -972,16 +993,18 @@ mod tests {
             bad[1].3.pop();
             assert!(gradient_batch(&row, &docs, &bad, k, 42).is_err());
         }
-        let got = read_index(&store, "a-lora-2", "gen-a-lora-2")
-            .await
-            .unwrap();
+        let got = read_index(&store, "a-lora-2", "0xbbbb02").await.unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].gradient, vec![10.0, 11.0, 12.0, 13.0, 14.0]);
         assert_eq!(got[1].contributor, "0x02");
-        let got = read_index(&store, "a-lora-1", "gen-a-lora-1")
-            .await
-            .unwrap();
+        let got = read_index(&store, "a-lora-1", "0xaaaa01").await.unwrap();
         assert_eq!(got[0].gradient, vec![0.0, 1.0, 2.0]);
+        let got = read_index(&store, "a-lora-1", "0xaaaa03").await.unwrap();
+        assert_eq!(got[0].gradient, vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(
+            gradient_file("a-lora-1", "0xaaaa03"),
+            "a-lora-1.aaaa03.parquet"
+        );
     }
 
     #[test]
