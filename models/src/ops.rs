@@ -38,7 +38,7 @@ fn exp_shifted_sum(o: &mut [f32], x: &[f32], scale: f32, shift: f32) -> f32 {
             * r
             + 1.666_666_5e-1)
             * r
-            + 5.000_000_1e-1;
+            + 0.5;
         let e = p * r * r + r + 1.0;
         // 2ⁿ from the bits of t (n ≥ −126 where v ≥ −87.33; below, the result is 0).
         let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
