@@ -505,7 +505,7 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, rows: &Rows<'_>) -> Result<Tensor> {
-        let h = (self.gate.forward(x, rows)?.silu()? * self.up.forward(x, rows)?)?;
+        let h = crate::ops::swiglu(&self.gate.forward(x, rows)?, &self.up.forward(x, rows)?)?;
         self.down.forward(&h, rows)
     }
 }
