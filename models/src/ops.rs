@@ -169,16 +169,13 @@ impl CustomOp2 for CrossEntropy {
 /// else. candle's matmul backward also computes the gradient of the right-hand side, tracked or
 /// not — for a frozen base under a LoRA adapter, the whole base's weight gradients (the LM
 /// head's alone is as many FLOPs as its forward product), each in a zero-filled buffer, then
-/// dropped. A variable `w`, or an `x` without a gradient, takes `Linear`'s path.
+/// dropped. A variable `w`, an `x` without a gradient, or another device takes `Linear`'s path.
 pub fn linear(x: &Tensor, layer: &candle_nn::Linear) -> Result<Tensor> {
     use candle_nn::Module;
     let w = layer.weight();
-    let dev = x.device();
-    if w.is_variable()
-        || !x.track_op()
-        || layer.bias().is_some()
-        || !(dev.is_cpu() || dev.is_cuda())
-    {
+    // CPU only for now: the same op would serve CUDA (its forward is the storage matmul candle's
+    // own `matmul` calls), but it has not run on a GPU yet.
+    if w.is_variable() || !x.track_op() || layer.bias().is_some() || !x.device().is_cpu() {
         return layer.forward(x);
     }
     let dims = x.dims().to_vec();
@@ -220,19 +217,6 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let bmnk = Self::bmnk(l1, l2)?;
-        Ok((s1.matmul(s2, bmnk, l1, l2)?, Shape::from((bmnk.1, bmnk.2))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let bmnk = Self::bmnk(l1, l2)?;
         Ok((s1.matmul(s2, bmnk, l1, l2)?, Shape::from((bmnk.1, bmnk.2))))
