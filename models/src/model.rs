@@ -196,18 +196,7 @@ impl Proj {
                     pair.scale,
                     tap.clone(),
                 )?;
-                if let Some(y) = fused {
-                    let h = tap.lock().expect("lora tap").h.take();
-                    let h = h
-                        .ok_or_else(|| candle_core::Error::msg("lora tap: no activation"))?
-                        .reshape(
-                            y.dims()
-                                .iter()
-                                .take(y.rank() - 1)
-                                .copied()
-                                .chain([pair.rank()])
-                                .collect::<Vec<_>>(),
-                        )?;
+                if let Some((y, h)) = fused {
                     capture.borrow_mut().push(Captured {
                         path: self.path.clone(),
                         x: x.clone(),

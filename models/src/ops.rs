@@ -178,16 +178,28 @@ pub fn linear(x: &Tensor, layer: &candle_nn::Linear) -> Result<Tensor> {
     if w.is_variable() || !x.track_op() || layer.bias().is_some() || !x.device().is_cpu() {
         return layer.forward(x);
     }
+    let (rows, dims) = as_rows(x)?;
+    rows.apply_op2(&w.t()?, FrozenMatmul)?
+        .reshape(with_last(&dims, w.dim(0)?))
+}
+
+/// `x` `[…, k]` as a contiguous `[m, k]` matrix, and its dims.
+fn as_rows(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
-    let m = x.elem_count() / k.max(1);
-    let y = x
-        .contiguous()?
-        .reshape((m, k))?
-        .apply_op2(&w.t()?, FrozenMatmul)?;
-    let mut out = dims;
-    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
-    y.reshape(out)
+    Ok((
+        x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?,
+        dims,
+    ))
+}
+
+/// `dims` with its last entry replaced by `n`.
+fn with_last(dims: &[usize], n: usize) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if let Some(l) = out.last_mut() {
+        *l = n;
+    }
+    out
 }
 
 /// `x·wt` for `x` `[m, k]` and a frozen `wt` `[k, n]` (a transposed weight): candle's own
@@ -244,12 +256,12 @@ pub struct LoraTap {
 }
 
 /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for a frozen base weight `w` `[out, in]` and a LoRA pair (`at`
-/// `[in, r]`, `bt` `[r, out]`) in one graph node, for per-example gradients: the forward pass
-/// keeps `h` and the backward pass keeps the output gradient in `tap`, and gives `x` its
-/// gradient `δ·W + s·δ·B·A` and nothing else (candle would also compute, zero-fill and sum
-/// gradients for `W`, `A`, `B`, `h` and the low-rank product, none of which is wanted here).
-/// `None` where it does not apply (not the CPU, not f32, a bias or a variable base weight):
-/// the caller then composes the ops.
+/// `[in, r]`, `bt` `[r, out]`) in one graph node, for per-example gradients: returns the output
+/// and the rank-r activation `h` `[…, r]`; the backward pass keeps the output gradient in `tap`,
+/// and gives `x` its gradient `δ·W + s·δ·B·A` and nothing else (candle would also compute,
+/// zero-fill and sum gradients for `W`, `A`, `B`, `h` and the low-rank product, none of which
+/// is wanted here). `None` where it does not apply (not the CPU, not f32, a bias or a variable
+/// base weight): the caller then composes the ops.
 pub fn lora_linear_tapped(
     x: &Tensor,
     layer: &candle_nn::Linear,
@@ -257,7 +269,7 @@ pub fn lora_linear_tapped(
     bt: &Tensor,
     scale: f64,
     tap: std::sync::Arc<std::sync::Mutex<LoraTap>>,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<(Tensor, Tensor)>> {
     let w = layer.weight();
     if !x.device().is_cpu()
         || x.dtype() != candle_core::DType::F32
@@ -266,25 +278,26 @@ pub fn lora_linear_tapped(
     {
         return Ok(None);
     }
-    let dims = x.dims().to_vec();
-    let k = *dims.last().unwrap_or(&0);
-    let m = x.elem_count() / k.max(1);
+    let (rows, dims) = as_rows(x)?;
     // A one-element variable as third argument puts the op in the graph even where nothing
     // before it is (the first layer under a frozen embedding); its gradient is never asked for.
     let anchor = candle_core::Var::zeros(1, x.dtype(), x.device())?;
-    let y = x.contiguous()?.reshape((m, k))?.apply_op3(
+    let y = rows.apply_op3(
         &w.t()?,
         anchor.as_tensor(),
         LoraMatmul {
             at: at.clone(),
             bt: bt.clone(),
             scale,
-            tap,
+            tap: tap.clone(),
         },
     )?;
-    let mut out = dims;
-    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
-    Ok(Some(y.reshape(out)?))
+    let h = tap.lock().expect("lora tap").h.take();
+    let h = h.ok_or_else(|| candle_core::Error::msg("lora tap: no activation"))?;
+    Ok(Some((
+        y.reshape(with_last(&dims, w.dim(0)?))?,
+        h.reshape(with_last(&dims, at.dim(1)?))?,
+    )))
 }
 
 struct LoraMatmul {
