@@ -191,7 +191,6 @@ pub struct Fired {
     pub detail: String,
 }
 
-const STOP_WORDS: &[&str] = &["the", "be", "to", "of", "and", "that", "have", "with"];
 const BULLETS: &[char] = &['•', '●', '○', '▪', '◦', '-', '*', '‣', '⁃', '►'];
 const TERMINAL: &[char] = &['.', '!', '?', '"', '\'', '…', '”', '’', ')', ':', ';'];
 
@@ -230,14 +229,16 @@ pub fn check_text(
     }
 
     // C4 page rules.
-    let lower = text.to_lowercase();
-    if lower.contains("lorem ipsum") {
+    if contains_ignore_ascii_case(text, b"lorem ipsum") {
         fire!("c4_lorem_ipsum", "contains \"lorem ipsum\"");
     }
     if text.contains('{') {
         fire!("c4_curly_bracket", "contains `{{` (code or templates)");
     }
-    if let Some(w) = words.iter().find(|w| w.chars().count() > 1000) {
+    if let Some(w) = words
+        .iter()
+        .find(|w| w.len() > 1000 && w.chars().count() > 1000)
+    {
         fire!("c4_long_word", "a word of {} characters", w.chars().count());
     }
     let sentences = count_sentences(text);
@@ -249,16 +250,12 @@ pub fn check_text(
         );
     }
 
-    // Gopher quality.
+    // Gopher quality. One pass over the words gathers what these rules and the language fast
+    // path need.
+    let w = WordStats::of(&words);
     if n > 0 {
-        let stripped: Vec<&str> = words
-            .iter()
-            .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
-            .filter(|w| !w.is_empty())
-            .collect();
-        if !stripped.is_empty() {
-            let avg = stripped.iter().map(|w| w.chars().count()).sum::<usize>() as f64
-                / stripped.len() as f64;
+        if w.stripped > 0 {
+            let avg = w.stripped_chars as f64 / w.stripped as f64;
             if !(3.0..=10.0).contains(&avg) {
                 fire!(
                     "gopher_avg_word_length",
@@ -275,25 +272,18 @@ pub fn check_text(
                 "{ratio:.3} symbols (#, ...) per word, more than 0.1"
             );
         }
-        let alpha = words
-            .iter()
-            .filter(|w| w.chars().any(char::is_alphabetic))
-            .count();
-        let ratio = alpha as f64 / n as f64;
+        let ratio = w.alpha as f64 / n as f64;
         if ratio < 0.8 {
             fire!(
                 "gopher_alpha_words",
                 "{ratio:.3} of words have a letter, fewer than 0.8"
             );
         }
-        let stop = stripped
-            .iter()
-            .filter(|w| STOP_WORDS.iter().any(|s| s.eq_ignore_ascii_case(w)))
-            .count();
-        if stop < 2 {
+        if w.stop < 2 {
             fire!(
                 "gopher_stop_words",
-                "{stop} stop words (the, be, to, of, and, that, have, with), fewer than 2"
+                "{} stop words (the, be, to, of, and, that, have, with), fewer than 2",
+                w.stop
             );
         }
     }
@@ -326,16 +316,16 @@ pub fn check_text(
 
     // Gopher repetition.
     let total_chars = text.chars().count().max(1) as f64;
+    let (dup_lines, dup_line_chars) = duplicates(&lines);
     if !lines.is_empty() {
-        let (dup, dup_chars) = duplicates(&lines);
-        let frac = dup as f64 / lines.len() as f64;
+        let frac = dup_lines as f64 / lines.len() as f64;
         if frac > 0.3 {
             fire!(
                 "gopher_rep_dup_lines",
                 "{frac:.3} of lines are repeats, more than 0.3"
             );
         }
-        let frac = dup_chars as f64 / total_chars;
+        let frac = dup_line_chars as f64 / total_chars;
         if frac > 0.2 {
             fire!(
                 "gopher_rep_dup_line_chars",
@@ -375,12 +365,19 @@ pub fn check_text(
         let lens: Vec<usize> = words.iter().map(|w| w.len()).collect();
         let mut scratch: PrehashedMap<(usize, usize)> =
             PrehashedMap::with_capacity_and_hasher(n, Default::default());
+        // A share is 0 exactly when no n-gram of that length repeats, and then no longer one
+        // repeats either (its first words would): the remaining lengths are skipped.
+        let mut repeats = true;
         for (g, thr, rule) in [
             (2, 0.20, "gopher_rep_top_2gram"),
             (3, 0.18, "gopher_rep_top_3gram"),
             (4, 0.16, "gopher_rep_top_4gram"),
         ] {
+            if !repeats {
+                break;
+            }
             let share = top_ngram_share(&hashes, &lens, g, &mut scratch) / word_chars;
+            repeats = share > 0.0;
             if share > thr {
                 fire!(rule, "the most frequent {g}-gram covers {share:.3} of the characters, more than {thr}");
             }
@@ -393,7 +390,11 @@ pub fn check_text(
             (9, 0.11, "gopher_rep_dup_9gram"),
             (10, 0.10, "gopher_rep_dup_10gram"),
         ] {
+            if !repeats {
+                break;
+            }
             let share = dup_ngram_chars(&hashes, &lens, g, &mut scratch) / word_chars;
+            repeats = share > 0.0;
             if share > thr {
                 fire!(
                     rule,
@@ -420,8 +421,7 @@ pub fn check_text(
                 "{short:.3} of lines have 30 characters or fewer, more than 0.67"
             );
         }
-        let (_, dup_chars) = duplicates(&lines);
-        let ratio = dup_chars as f64 / total_chars;
+        let ratio = dup_line_chars as f64 / total_chars;
         if ratio > 0.01 {
             fire!(
                 "fineweb_char_dup",
@@ -440,7 +440,7 @@ pub fn check_text(
     }
 
     // Language.
-    if !languages.is_empty() && !plainly_english(&words, languages) {
+    if !languages.is_empty() && !w.plainly_english(languages) {
         if let Some(info) = whatlang::detect(text) {
             if info.confidence() >= config.min_language_confidence
                 && !languages.contains(&info.lang())
@@ -462,36 +462,149 @@ pub fn check_text(
     None
 }
 
-/// English function words: in English prose about four words in ten are one of these.
-const ENGLISH_FUNCTION_WORDS: &[&str] = &[
-    "the", "of", "and", "to", "a", "in", "that", "is", "was", "it", "for", "on", "with", "as",
-    "by", "at", "be", "this", "had", "not", "are", "but", "from", "or", "have", "an", "they",
-    "which", "were", "been", "has", "their", "would", "there", "its", "after", "before", "into",
-    "than", "only", "also", "under", "between", "against",
-];
+/// What the word-level rules need, gathered in one pass over the whitespace-separated words.
+struct WordStats {
+    words: usize,
+    /// Words with something left after trimming non-alphanumeric characters, and their
+    /// characters.
+    stripped: usize,
+    stripped_chars: usize,
+    /// Words containing a letter.
+    alpha: usize,
+    /// Trimmed words that are Gopher stop words.
+    stop: usize,
+    /// Trimmed words that are ASCII (the empty ones included) and English function words.
+    latin: usize,
+    function: usize,
+}
 
-/// A fast path for the language rule when English is allowed: Latin-script text in which at
-/// least a quarter of the words are English function words is English, without running
-/// whatlang's trigram models (most of the cost of the rules otherwise).
-fn plainly_english(words: &[&str], languages: &[whatlang::Lang]) -> bool {
-    if !languages.contains(&whatlang::Lang::Eng) || words.len() < 8 {
-        return false;
-    }
-    let mut latin = 0usize;
-    let mut function = 0usize;
-    for w in words {
-        let w = w.trim_matches(|c: char| !c.is_alphanumeric());
-        if w.is_ascii() {
-            latin += 1;
+impl WordStats {
+    fn of(words: &[&str]) -> Self {
+        let mut s = WordStats {
+            words: words.len(),
+            stripped: 0,
+            stripped_chars: 0,
+            alpha: 0,
+            stop: 0,
+            latin: 0,
+            function: 0,
+        };
+        for w in words {
+            let ascii = w.is_ascii();
+            let t = if ascii {
+                w.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+            } else {
+                w.trim_matches(|c: char| !c.is_alphanumeric())
+            };
+            if !t.is_empty() {
+                s.stripped += 1;
+                s.stripped_chars += if ascii { t.len() } else { t.chars().count() };
+            }
+            let has_alpha = if ascii {
+                w.bytes().any(|b| b.is_ascii_alphabetic())
+            } else {
+                w.chars().any(char::is_alphabetic)
+            };
+            s.alpha += usize::from(has_alpha);
+            if t.is_ascii() {
+                s.latin += 1;
+                let mut buf = [0u8; 8];
+                if t.len() < buf.len() {
+                    let lower = &mut buf[..t.len()];
+                    lower.copy_from_slice(t.as_bytes());
+                    lower.make_ascii_lowercase();
+                    s.stop += usize::from(is_stop_word(lower));
+                    s.function += usize::from(is_english_function_word(lower));
+                }
+            }
         }
-        if ENGLISH_FUNCTION_WORDS
-            .iter()
-            .any(|f| f.eq_ignore_ascii_case(w))
-        {
-            function += 1;
-        }
+        s
     }
-    latin * 10 >= words.len() * 9 && function * 4 >= words.len()
+
+    /// A fast path for the language rule when English is allowed: Latin-script text in which at
+    /// least a quarter of the words are English function words is English, without running
+    /// whatlang's trigram models (most of the cost of the rules otherwise).
+    fn plainly_english(&self, languages: &[whatlang::Lang]) -> bool {
+        languages.contains(&whatlang::Lang::Eng)
+            && self.words >= 8
+            && self.latin * 10 >= self.words * 9
+            && self.function * 4 >= self.words
+    }
+}
+
+/// Gopher's stop words (the, be, to, of, and, that, have, with), given lowercase.
+fn is_stop_word(w: &[u8]) -> bool {
+    matches!(
+        w,
+        b"the" | b"be" | b"to" | b"of" | b"and" | b"that" | b"have" | b"with"
+    )
+}
+
+/// English function words, given lowercase: in English prose about four words in ten are one of
+/// these.
+fn is_english_function_word(w: &[u8]) -> bool {
+    matches!(
+        w,
+        b"the"
+            | b"of"
+            | b"and"
+            | b"to"
+            | b"a"
+            | b"in"
+            | b"that"
+            | b"is"
+            | b"was"
+            | b"it"
+            | b"for"
+            | b"on"
+            | b"with"
+            | b"as"
+            | b"by"
+            | b"at"
+            | b"be"
+            | b"this"
+            | b"had"
+            | b"not"
+            | b"are"
+            | b"but"
+            | b"from"
+            | b"or"
+            | b"have"
+            | b"an"
+            | b"they"
+            | b"which"
+            | b"were"
+            | b"been"
+            | b"has"
+            | b"their"
+            | b"would"
+            | b"there"
+            | b"its"
+            | b"after"
+            | b"before"
+            | b"into"
+            | b"than"
+            | b"only"
+            | b"also"
+            | b"under"
+            | b"between"
+            | b"against"
+    )
+}
+
+/// Whether `text` contains `needle` (lowercase ASCII), ignoring ASCII case: for a needle without
+/// `k` this is `text.to_lowercase().contains(needle)` without the copy (the one non-ASCII
+/// character that lowercases to ASCII is the Kelvin sign, to `k`).
+fn contains_ignore_ascii_case(text: &str, needle: &[u8]) -> bool {
+    let t = text.as_bytes();
+    let Some(&first) = needle.first() else {
+        return true;
+    };
+    t.len() >= needle.len()
+        && (0..=t.len() - needle.len()).any(|i| {
+            t[i].to_ascii_lowercase() == first
+                && t[i..i + needle.len()].eq_ignore_ascii_case(needle)
+        })
 }
 
 fn count_sentences(text: &str) -> usize {
@@ -744,6 +857,60 @@ mod tests {
             .filter_map(whatlang::Lang::from_code)
             .collect();
         check_text(text, cfg, &langs).map(|f| f.rule)
+    }
+
+    const STOP_WORDS: &[&str] = &["the", "be", "to", "of", "and", "that", "have", "with"];
+    const ENGLISH_FUNCTION_WORDS: &[&str] = &[
+        "the", "of", "and", "to", "a", "in", "that", "is", "was", "it", "for", "on", "with", "as",
+        "by", "at", "be", "this", "had", "not", "are", "but", "from", "or", "have", "an", "they",
+        "which", "were", "been", "has", "their", "would", "there", "its", "after", "before",
+        "into", "than", "only", "also", "under", "between", "against",
+    ];
+
+    #[test]
+    fn word_lists_match_in_any_case_and_nothing_else() {
+        let stats = |text: &str| WordStats::of(&text.split_whitespace().collect::<Vec<_>>());
+        for w in STOP_WORDS {
+            assert!(is_stop_word(w.as_bytes()), "{w}");
+            assert_eq!(stats(&format!("({})", w.to_uppercase())).stop, 1, "{w}");
+        }
+        for w in ENGLISH_FUNCTION_WORDS {
+            assert!(is_english_function_word(w.as_bytes()), "{w}");
+            assert_eq!(stats(&format!("{w}.")).function, 1, "{w}");
+        }
+        for w in [
+            "thee", "th", "", "withal", "bee", "an't", "agains", "betweenx", "théir",
+        ] {
+            assert!(!is_stop_word(w.as_bytes()) && !is_english_function_word(w.as_bytes()));
+            assert_eq!(stats(w).function + stats(w).stop, 0, "{w}");
+        }
+        assert!(contains_ignore_ascii_case(
+            "x LoReM IpSuM y",
+            b"lorem ipsum"
+        ));
+        assert!(!contains_ignore_ascii_case("lorem  ipsum", b"lorem ipsum"));
+        assert!(!contains_ignore_ascii_case("lorem", b"lorem ipsum"));
+    }
+
+    proptest! {
+        /// The repetition rules stop at the first n-gram length with no repeat: no longer n-gram
+        /// can repeat then. Checked on texts from a small vocabulary (many repeats).
+        #[test]
+        fn no_repeat_at_one_length_means_none_at_longer_ones(
+            words in proptest::collection::vec(0usize..6, 0..80)
+        ) {
+            let vocab = ["a", "bb", "ccc", "dddd", "ee", "f"];
+            let hashes: Vec<u64> = words.iter().map(|&w| xxhash_rust::xxh3::xxh3_64(vocab[w].as_bytes())).collect();
+            let lens: Vec<usize> = words.iter().map(|&w| vocab[w].len()).collect();
+            let mut m = PrehashedMap::default();
+            let mut shares: Vec<f64> = (2..=4)
+                .map(|g| top_ngram_share(&hashes, &lens, g, &mut m))
+                .collect();
+            shares.extend((5..=10).map(|g| dup_ngram_chars(&hashes, &lens, g, &mut m)));
+            for pair in shares.windows(2) {
+                prop_assert!(pair[0] > 0.0 || pair[1] == 0.0, "{shares:?}");
+            }
+        }
     }
 
     #[test]
