@@ -35,8 +35,8 @@ use crate::operator::{
 };
 use crate::rows::{contribution_passthrough, route, Rows};
 use crate::state::{
-    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb,
-    StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Replay, SharedSlot,
+    StateDb, StateError,
 };
 
 /// Cross-contributor duplicates within a window are a flood.
@@ -256,7 +256,7 @@ pub struct ExactState {
 struct ExactTables {
     keys: String,
     /// Changes since the last flush: `None` forgets a key (its text was refused downstream).
-    pending: Mutex<HashMap<[u8; 16], Option<Original>>>,
+    pending: Mutex<Layered<HashMap<[u8; 16], Option<Original>>>>,
 }
 
 impl ExactTables {
@@ -266,11 +266,20 @@ impl ExactTables {
 }
 
 impl Flushable for ExactTables {
-    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
-        let pending = std::mem::take(&mut *lock(&self.pending));
+    fn freeze(&self) {
+        lock(&self.pending).freeze();
+    }
+
+    fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let Some(frozen) = lock(&self.pending).frozen() else {
+            return Ok(());
+        };
+        // In key order: neighbouring inserts land on the same B-tree pages.
+        let mut pending: Vec<_> = frozen.iter().collect();
+        pending.sort_unstable_by_key(|(k, _)| **k);
         let mut t = txn.open_table(self.def())?;
         let mut buf = Vec::with_capacity(ORIGINAL_BYTES);
-        for (k, v) in &pending {
+        for (k, v) in pending {
             match v {
                 Some(v) => {
                     buf.clear();
@@ -285,8 +294,12 @@ impl Flushable for ExactTables {
         Ok(())
     }
 
+    fn release(&self) {
+        lock(&self.pending).release();
+    }
+
     fn pending_bytes(&self) -> usize {
-        lock(&self.pending).len() * 112
+        lock(&self.pending).current.len() * 112
     }
 }
 
@@ -306,7 +319,7 @@ impl StageFactory for ExactStage {
             .get_or_init(db, || {
                 let tables = Arc::new(ExactTables {
                     keys: format!("{stage}/keys"),
-                    pending: Mutex::new(HashMap::new()),
+                    pending: Mutex::new(Layered::default()),
                 });
                 db.ensure_table(tables.def())?;
                 db.register(tables.clone());
@@ -378,15 +391,17 @@ impl Operator for Exact {
                     // what this one is, so wait until it has settled.
                     return Ok(None);
                 }
-                let found = match pending.get(key) {
-                    Some(o) => o.clone(),
+                let found = match pending.find(|p| p.get(key).cloned()) {
+                    Some(o) => o,
                     None => table
                         .get(key.as_slice())?
                         .and_then(|v| Original::decode(v.value())),
                 };
                 Ok(Some(match found {
                     None => {
-                        pending.insert(*key, Some(Original::of_row(&rows, i)));
+                        pending
+                            .current
+                            .insert(*key, Some(Original::of_row(&rows, i)));
                         unsettled.insert(*key);
                         Decision::Accept
                     }
@@ -394,7 +409,7 @@ impl Operator for Exact {
                         let (d, changed) =
                             duplicate_decision(flood, "duplicate_exact", &rows, i, &mut orig, None);
                         if changed {
-                            pending.insert(*key, Some(orig));
+                            pending.current.insert(*key, Some(orig));
                         }
                         d
                     }
@@ -429,8 +444,8 @@ impl Operator for Exact {
         let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
         let mut pending = lock(&state.tables.pending);
         for (key, row) in refused {
-            let stored = match pending.get(&key) {
-                Some(o) => o.clone(),
+            let stored = match pending.find(|p| p.get(&key).cloned()) {
+                Some(o) => o,
                 None => table
                     .get(key.as_slice())
                     .map_err(|e| err(&e))?
@@ -439,7 +454,7 @@ impl Operator for Exact {
             // Only if the key still names this row (a replay after a crash may find a later
             // original in its place).
             if stored.is_some_and(|o| o.same_row(&row)) {
-                pending.insert(key, None);
+                pending.current.insert(key, None);
             }
         }
         Ok(())
@@ -483,7 +498,7 @@ struct NearTables {
     buckets: String,
     docs: String,
     meta: String,
-    pending: Mutex<NearPending>,
+    pending: Mutex<Layered<NearPending>>,
 }
 
 #[derive(Default)]
@@ -497,7 +512,7 @@ struct NearPending {
     next_id: Option<u64>,
 }
 
-impl NearPending {
+impl Layered<NearPending> {
     /// The record of document `id`: pending, else on disk; `None` when it does not exist or was
     /// forgotten.
     fn doc(
@@ -505,8 +520,8 @@ impl NearPending {
         id: u64,
         docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
     ) -> Result<Option<Vec<u8>>, redb::Error> {
-        Ok(match self.docs.get(&id) {
-            Some(r) => r.clone(),
+        Ok(match self.find(|p| p.docs.get(&id).cloned()) {
+            Some(r) => r,
             None => docs.get(id)?.map(|v| v.value().to_vec()),
         })
     }
@@ -519,8 +534,10 @@ impl NearPending {
     ) -> Result<BTreeSet<u64>, redb::Error> {
         let mut candidates = BTreeSet::new();
         for k in keys {
-            if let Some(ids) = self.buckets.get(k) {
-                candidates.extend(ids.iter().copied());
+            for layer in self.frozen.as_deref().into_iter().chain([&self.current]) {
+                if let Some(ids) = layer.buckets.get(k) {
+                    candidates.extend(ids.iter().copied());
+                }
             }
             for entry in buckets.range((*k, 0)..=(*k, u64::MAX))? {
                 candidates.insert(entry?.0.value().1);
@@ -544,19 +561,38 @@ impl NearTables {
 }
 
 impl Flushable for NearTables {
-    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
-        let p = std::mem::take(&mut *lock(&self.pending));
+    fn freeze(&self) {
+        let mut p = lock(&self.pending);
+        let next_id = p.current.next_id;
+        p.freeze();
+        p.current.next_id = next_id;
+    }
+
+    fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let Some(p) = lock(&self.pending).frozen() else {
+            return Ok(());
+        };
+        // In key order: neighbouring inserts land on the same B-tree pages (document ids only
+        // grow, so the documents are appended).
+        let mut entries: Vec<(u64, u64)> = p
+            .buckets
+            .iter()
+            .flat_map(|(k, ids)| ids.iter().map(move |id| (*k, *id)))
+            .collect();
+        entries.sort_unstable();
         let mut b = txn.open_table(self.buckets_def())?;
-        for (k, ids) in &p.buckets {
-            for id in ids {
-                b.insert((*k, *id), ())?;
-            }
+        for key in entries {
+            b.insert(key, ())?;
         }
-        for key in &p.forgotten {
+        let mut forgotten = p.forgotten.clone();
+        forgotten.sort_unstable();
+        for key in &forgotten {
             b.remove(key)?;
         }
+        let mut docs: Vec<_> = p.docs.iter().collect();
+        docs.sort_unstable_by_key(|(id, _)| **id);
         let mut d = txn.open_table(self.docs_def())?;
-        for (id, v) in &p.docs {
+        for (id, v) in docs {
             match v {
                 Some(v) => d.insert(*id, v.as_slice())?,
                 None => d.remove(*id)?,
@@ -564,13 +600,16 @@ impl Flushable for NearTables {
         }
         if let Some(next) = p.next_id {
             txn.open_table(self.meta_def())?.insert("next_id", next)?;
-            lock(&self.pending).next_id = Some(next);
         }
         Ok(())
     }
 
+    fn release(&self) {
+        lock(&self.pending).release();
+    }
+
     fn pending_bytes(&self) -> usize {
-        let p = lock(&self.pending);
+        let p = &lock(&self.pending).current;
         p.buckets.len() * 48
             + p.forgotten.len() * 16
             + p.docs
@@ -598,7 +637,7 @@ impl StageFactory for NearStage {
                     buckets: format!("{stage}/band_index"),
                     docs: format!("{stage}/docs"),
                     meta: format!("{stage}/meta"),
-                    pending: Mutex::new(NearPending::default()),
+                    pending: Mutex::new(Layered::default()),
                 });
                 db.ensure_table(tables.buckets_def())?;
                 db.ensure_table(tables.docs_def())?;
@@ -653,7 +692,7 @@ impl Near {
         buckets: &redb::ReadOnlyTable<(u64, u64), ()>,
         docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
         next_from_disk: u64,
-        pending: &mut NearPending,
+        pending: &mut Layered<NearPending>,
         unsettled: &[Original],
         batch_ids: &mut HashSet<u64>,
     ) -> Result<Option<Decision>, redb::Error> {
@@ -705,10 +744,11 @@ impl Near {
                 let mut head = Vec::with_capacity(ORIGINAL_BYTES);
                 orig.encode(&mut head);
                 record[..ORIGINAL_BYTES].copy_from_slice(&head);
-                pending.docs.insert(id, Some(record));
+                pending.current.docs.insert(id, Some(record));
             }
             return Ok(Some(d));
         }
+        let pending = &mut pending.current;
         let id = pending.next_id.unwrap_or(next_from_disk);
         pending.next_id = Some(id + 1);
         let mut record = Vec::with_capacity(ORIGINAL_BYTES + sig.len() * 4);
@@ -949,12 +989,13 @@ impl Operator for Near {
                 if !record.is_some_and(|r| Original::decode(&r).is_some_and(|o| o.same_row(&row))) {
                     continue;
                 }
-                pending.docs.insert(id, None);
+                let current = &mut pending.current;
+                current.docs.insert(id, None);
                 for k in &keys {
-                    if let Some(ids) = pending.buckets.get_mut(k) {
+                    if let Some(ids) = current.buckets.get_mut(k) {
                         ids.retain(|x| *x != id);
                     }
-                    pending.forgotten.push((*k, id));
+                    current.forgotten.push((*k, id));
                 }
             }
         }

@@ -20,7 +20,9 @@
 //! Changes accumulate in memory and are written in one transaction by [`StateDb::flush`]: on
 //! every barrier of any partition (made durable before the partition's checkpoint commits, so a
 //! committed decision never depends on state that could be lost) and whenever the in-memory part
-//! passes its budget. What is on disk is read through redb's page cache, whose size is the state's
+//! passes its budget. A flush sets the changes aside ([`Layered`]) and writes them while the
+//! partitions go on deciding, reading them from memory until the write has committed: decisions
+//! stop only for the moments the flush swaps layers. What is on disk is read through redb's page cache, whose size is the state's
 //! memory budget (`state.cache_bytes`); the state itself can grow far beyond RAM.
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,8 +42,9 @@ pub struct StateDb {
     writers: Mutex<Vec<Arc<dyn Flushable>>>,
     /// Serialises flushes (redb allows one write transaction at a time anyway).
     flush_lock: Mutex<()>,
-    /// Decisions hold it shared; a flush holds it exclusively, so no decision ever sees a change
-    /// that has left memory but is not yet readable from disk.
+    /// Decisions hold it shared; a flush holds it exclusively while it sets the changes aside
+    /// and while it lets them go after its commit, so a decision reads every change either from
+    /// memory or from disk.
     gate: RwLock<()>,
     max_pending: std::sync::atomic::AtomicUsize,
     /// A non-durable flush happened since the last durable one.
@@ -76,12 +79,51 @@ impl StateError {
     }
 }
 
-/// Something with in-memory changes to write into a transaction.
+/// Something with in-memory changes to write into a transaction, in three steps.
 pub trait Flushable: Send + Sync {
-    /// Writes (and forgets) the pending changes into `txn`.
-    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error>;
-    /// Bytes of pending changes held in memory (approximate).
+    /// Sets the pending changes aside for the flush that begins (no decision runs meanwhile);
+    /// decisions keep reading them until [`Flushable::release`].
+    fn freeze(&self);
+    /// Writes the changes set aside into `txn` (decisions run meanwhile).
+    fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error>;
+    /// The flush has committed: the changes set aside are on disk and can go (no decision runs
+    /// meanwhile).
+    fn release(&self);
+    /// Bytes of pending changes held in memory, not counting those set aside (approximate).
     fn pending_bytes(&self) -> usize;
+}
+
+/// The in-memory changes of a stage's tables in two layers: `current` takes new changes;
+/// `frozen` holds the ones a flush in progress is writing, which decisions read (after
+/// `current`, before the disk) until the write has committed.
+#[derive(Default)]
+pub struct Layered<P> {
+    pub current: P,
+    pub frozen: Option<Arc<P>>,
+}
+
+impl<P: Default> Layered<P> {
+    /// Moves `current` aside as the frozen layer; returns it.
+    pub fn freeze(&mut self) -> Arc<P> {
+        let p = Arc::new(std::mem::take(&mut self.current));
+        self.frozen = Some(p.clone());
+        p
+    }
+
+    /// The frozen layer, for writing.
+    pub fn frozen(&self) -> Option<Arc<P>> {
+        self.frozen.clone()
+    }
+
+    /// Lets the frozen layer go (it is on disk).
+    pub fn release(&mut self) {
+        self.frozen = None;
+    }
+
+    /// The newest answer of `f` over the layers: `current`, then `frozen`.
+    pub fn find<'a, T>(&'a self, f: impl Fn(&'a P) -> Option<T>) -> Option<T> {
+        f(&self.current).or_else(|| self.frozen.as_deref().and_then(f))
+    }
 }
 
 impl StateDb {
@@ -143,18 +185,24 @@ impl StateDb {
         if durable && self.durable_done.load(SeqCst) >= needed {
             return Ok(());
         }
-        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let ticket = self.tickets.fetch_add(1, SeqCst) + 1;
         let writers = lock(&self.writers).clone();
-        // Nothing pending and nothing written since the last durable flush: nothing to do (the
-        // stages of one barrier all ask; the first one's flush covers the others).
-        let pending: usize = writers.iter().map(|w| w.pending_bytes()).sum();
-        if pending == 0 && (!durable || !self.undurable.load(SeqCst)) {
-            if durable {
-                self.durable_done.fetch_max(ticket, SeqCst);
+        let ticket = {
+            let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+            let ticket = self.tickets.fetch_add(1, SeqCst) + 1;
+            // Nothing pending and nothing written since the last durable flush: nothing to do
+            // (the stages of one barrier all ask; the first one's flush covers the others).
+            let pending: usize = writers.iter().map(|w| w.pending_bytes()).sum();
+            if pending == 0 && (!durable || !self.undurable.load(SeqCst)) {
+                if durable {
+                    self.durable_done.fetch_max(ticket, SeqCst);
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
+            for w in &writers {
+                w.freeze();
+            }
+            ticket
+        };
         let err = |e: redb::Error| StateError::db(&self.path, e);
         let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         txn.set_durability(if durable {
@@ -164,9 +212,15 @@ impl StateDb {
         })
         .map_err(|e| StateError::db(&self.path, e))?;
         for w in &writers {
-            w.write_into(&txn).map_err(err)?;
+            w.write_frozen(&txn).map_err(err)?;
         }
         txn.commit().map_err(|e| err(e.into()))?;
+        {
+            let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+            for w in &writers {
+                w.release();
+            }
+        }
         self.undurable.store(!durable, SeqCst);
         if durable {
             self.durable_done.fetch_max(ticket, SeqCst);
@@ -301,7 +355,7 @@ impl Decision {
 /// The journal of one stage: decisions by Kafka (partition, offset), pending ones in memory.
 pub struct Journal {
     table: String,
-    pending: Mutex<JournalPending>,
+    pending: Mutex<Layered<JournalPending>>,
 }
 
 #[derive(Default)]
@@ -317,7 +371,7 @@ impl Journal {
     pub fn open(db: &StateDb, stage: &str) -> Result<Arc<Journal>, StateError> {
         let j = Arc::new(Journal {
             table: format!("{stage}/journal"),
-            pending: Mutex::new(JournalPending::default()),
+            pending: Mutex::new(Layered::default()),
         });
         db.ensure_table(j.def())?;
         db.register(j.clone());
@@ -331,7 +385,7 @@ impl Journal {
     /// Records `decision` for the record at (`partition`, `offset`).
     pub fn record(&self, partition: i32, offset: i64, decision: &Decision) {
         let bytes = decision.encode();
-        let mut p = lock(&self.pending);
+        let p = &mut lock(&self.pending).current;
         p.bytes += bytes.len() + 24;
         p.decisions.insert((partition, offset), bytes);
     }
@@ -362,9 +416,15 @@ impl Journal {
             }
         }
         let p = lock(&self.pending);
-        for ((_, o), v) in p.decisions.range((partition, from)..=(partition, i64::MAX)) {
-            if let Some(d) = Decision::decode(v) {
-                out.insert(*o, d);
+        // Oldest first, so newer layers win.
+        for layer in p.frozen.as_deref().into_iter().chain([&p.current]) {
+            for ((_, o), v) in layer
+                .decisions
+                .range((partition, from)..=(partition, i64::MAX))
+            {
+                if let Some(d) = Decision::decode(v) {
+                    out.insert(*o, d);
+                }
             }
         }
         Ok(out)
@@ -373,34 +433,37 @@ impl Journal {
     /// Entries of `partition` below `offset` belong to a committed checkpoint: drop them at the
     /// next flush.
     pub fn committed_below(&self, partition: i32, offset: i64) {
-        let mut p = lock(&self.pending);
+        let p = &mut lock(&self.pending).current;
         let e = p.prune_below.entry(partition).or_insert(offset);
         *e = (*e).max(offset);
     }
 }
 
 impl Flushable for Journal {
-    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
-        let (decisions, prune) = {
-            let mut p = lock(&self.pending);
-            p.bytes = 0;
-            (
-                std::mem::take(&mut p.decisions),
-                std::mem::take(&mut p.prune_below),
-            )
+    fn freeze(&self) {
+        lock(&self.pending).freeze();
+    }
+
+    fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let Some(p) = lock(&self.pending).frozen() else {
+            return Ok(());
         };
         let mut t = txn.open_table(self.def())?;
-        for ((part, off), v) in &decisions {
+        for ((part, off), v) in &p.decisions {
             t.insert((*part, *off), v.as_slice())?;
         }
-        for (part, below) in prune {
-            t.retain_in((part, i64::MIN)..(part, below), |_, _| false)?;
+        for (part, below) in &p.prune_below {
+            t.retain_in((*part, i64::MIN)..(*part, *below), |_, _| false)?;
         }
         Ok(())
     }
 
+    fn release(&self) {
+        lock(&self.pending).release();
+    }
+
     fn pending_bytes(&self) -> usize {
-        let p = lock(&self.pending);
+        let p = &lock(&self.pending).current;
         p.bytes + p.prune_below.len() * 16
     }
 }

@@ -33,8 +33,8 @@ use crate::operator::{
 use crate::rows::{contribution_passthrough, route, Rows};
 use crate::signature::{parse_signature_hex, recover_signer};
 use crate::state::{
-    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Replay, SharedSlot, StateDb,
-    StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Replay, SharedSlot,
+    StateDb, StateError,
 };
 
 /// Configuration of a `verify_signatures` stage.
@@ -121,7 +121,7 @@ pub struct VerifyState {
 struct VerifyTables {
     nonces: String,
     counts: String,
-    pending: Mutex<VerifyPending>,
+    pending: Mutex<Layered<VerifyPending>>,
 }
 
 #[derive(Default)]
@@ -144,10 +144,22 @@ impl VerifyTables {
 }
 
 impl Flushable for VerifyTables {
-    fn write_into(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
-        let p = std::mem::take(&mut *lock(&self.pending));
+    fn freeze(&self) {
+        let mut p = lock(&self.pending);
+        let oldest_live_window = p.current.oldest_live_window;
+        p.freeze();
+        p.current.oldest_live_window = oldest_live_window;
+    }
+
+    fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        let Some(p) = lock(&self.pending).frozen() else {
+            return Ok(());
+        };
+        // In key order: neighbouring inserts land on the same B-tree pages.
+        let mut nonces: Vec<_> = p.nonces.iter().collect();
+        nonces.sort_unstable_by_key(|(k, _)| **k);
         let mut t = txn.open_table(self.nonces_def())?;
-        for (k, v) in &p.nonces {
+        for (k, v) in nonces {
             t.insert(k.as_slice(), v.as_slice())?;
         }
         let mut c = txn.open_table(self.counts_def())?;
@@ -158,12 +170,15 @@ impl Flushable for VerifyTables {
             let below = window_key(p.oldest_live_window, &[0u8; 20]);
             c.retain_in(..below.as_slice(), |_, _| false)?;
         }
-        lock(&self.pending).oldest_live_window = p.oldest_live_window;
         Ok(())
     }
 
+    fn release(&self) {
+        lock(&self.pending).release();
+    }
+
     fn pending_bytes(&self) -> usize {
-        let p = lock(&self.pending);
+        let p = &lock(&self.pending).current;
         p.nonces.len() * 80 + p.counts.len() * 64
     }
 }
@@ -189,7 +204,7 @@ impl VerifyState {
         let tables = Arc::new(VerifyTables {
             nonces: format!("{stage}/nonces"),
             counts: format!("{stage}/window_counts"),
-            pending: Mutex::new(VerifyPending::default()),
+            pending: Mutex::new(Layered::default()),
         });
         db.ensure_table(tables.nonces_def())?;
         db.ensure_table(tables.counts_def())?;
@@ -263,7 +278,7 @@ impl Verify {
         i: usize,
         signer: &[u8; 20],
         read: &ReadTables<'_>,
-        pending: &mut VerifyPending,
+        pending: &mut Layered<VerifyPending>,
     ) -> Result<Decision, redb::Error> {
         let ts_s = rows.timestamp.value(i).max(0) as u64 / 1000;
         let skew = self.config.clock_skew_seconds;
@@ -282,8 +297,8 @@ impl Verify {
         }
         let nonce = rows.nonce.value(i);
         let key = nonce_key(rows.datanet.value(i), signer, nonce);
-        let first = match pending.nonces.get(&key) {
-            Some(h) => Some(*h),
+        let first = match pending.find(|p| p.nonces.get(&key).copied()) {
+            Some(h) => Some(h),
             None => read.nonce(&key)?,
         };
         if let Some(first) = first {
@@ -300,8 +315,8 @@ impl Verify {
         if let Some(limit) = &self.config.rate_limit {
             let window = ts_s / limit.window_seconds;
             let wk = window_key(window, signer);
-            let count = match pending.counts.get(&wk) {
-                Some(c) => *c,
+            let count = match pending.find(|p| p.counts.get(&wk).copied()) {
+                Some(c) => c,
                 None => read.count(&wk)?,
             };
             if count >= limit.max {
@@ -315,12 +330,13 @@ impl Verify {
                     ),
                 ));
             }
-            pending.counts.insert(wk, count + 1);
-            pending.oldest_live_window = pending.oldest_live_window.max(window.saturating_sub(2));
+            let p = &mut pending.current;
+            p.counts.insert(wk, count + 1);
+            p.oldest_live_window = p.oldest_live_window.max(window.saturating_sub(2));
         }
         let content_hash =
             hex0x::decode_fixed::<32>(rows.content_hash.value(i)).unwrap_or([0u8; 32]);
-        pending.nonces.insert(key, content_hash);
+        pending.current.nonces.insert(key, content_hash);
         Ok(Decision::Accept)
     }
 }
