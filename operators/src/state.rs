@@ -550,6 +550,75 @@ pub fn op_err(stage: &str, e: impl std::fmt::Display) -> OperatorError {
 mod tests {
     use super::*;
 
+    /// A writer whose write checks what a decision could see at that moment.
+    struct Probe {
+        db: Mutex<Weak<StateDb>>,
+        layers: Mutex<Layered<BTreeMap<u64, u64>>>,
+        /// During the write: could a decision run, and what did it read for key 1.
+        during_write: Mutex<Option<(bool, Option<u64>)>>,
+    }
+
+    impl Probe {
+        fn def() -> TableDefinition<'static, u64, u64> {
+            TableDefinition::new("probe")
+        }
+    }
+
+    impl Flushable for Probe {
+        fn freeze(&self) {
+            lock(&self.layers).freeze();
+        }
+        fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+            let db = lock(&self.db).upgrade().expect("db");
+            let decides = db.gate.try_read().is_ok();
+            let read = lock(&self.layers).find(|p| p.get(&1).copied());
+            *lock(&self.during_write) = Some((decides, read));
+            let Some(frozen) = lock(&self.layers).frozen() else {
+                return Ok(());
+            };
+            let mut t = txn.open_table(Self::def())?;
+            for (k, v) in frozen.iter() {
+                t.insert(*k, *v)?;
+            }
+            Ok(())
+        }
+        fn release(&self) {
+            lock(&self.layers).release();
+        }
+        fn pending_bytes(&self) -> usize {
+            lock(&self.layers).current.len() * 16
+        }
+    }
+
+    #[test]
+    fn a_flush_writes_while_decisions_read_its_changes_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let probe = Arc::new(Probe {
+            db: Mutex::new(Arc::downgrade(&db)),
+            layers: Mutex::new(Layered::default()),
+            during_write: Mutex::new(None),
+        });
+        db.ensure_table(Probe::def()).unwrap();
+        db.register(probe.clone());
+        lock(&probe.layers).current.insert(1, 10);
+        db.flush(true).unwrap();
+        // While the write ran, a decision could run and found the change in the frozen layer.
+        assert_eq!(*lock(&probe.during_write), Some((true, Some(10))));
+        // After the commit the layer is gone and the change is on disk.
+        assert!(lock(&probe.layers).frozen.is_none());
+        let txn = db.db().begin_read().unwrap();
+        let t = txn.open_table(Probe::def()).unwrap();
+        assert_eq!(t.get(1).unwrap().map(|v| v.value()), Some(10));
+        // The current layer shadows the frozen one.
+        let mut l = Layered::<BTreeMap<u64, u64>>::default();
+        l.current.insert(1, 1);
+        l.freeze();
+        assert_eq!(l.find(|p| p.get(&1).copied()), Some(1));
+        l.current.insert(1, 2);
+        assert_eq!(l.find(|p| p.get(&1).copied()), Some(2));
+    }
+
     #[test]
     fn journal_round_trip_and_prune() {
         let dir = tempfile::tempdir().unwrap();
