@@ -25,7 +25,6 @@
 //! `content_hash` column keeps naming the contribution as signed), and counts what it masked in
 //! the `ledgerflow_pii_masked_total` metric.
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow_array::builder::StringBuilder;
@@ -363,8 +362,7 @@ pub fn check_text(
             .map(|w| xxhash_rust::xxh3::xxh3_64(w.as_bytes()))
             .collect();
         let lens: Vec<usize> = words.iter().map(|w| w.len()).collect();
-        let mut scratch: PrehashedMap<(usize, usize)> =
-            PrehashedMap::with_capacity_and_hasher(n, Default::default());
+        let mut scratch = NgramCounts::default();
         // A share is 0 exactly when no n-gram of that length repeats, and then no longer one
         // repeats either (its first words would): the remaining lengths are skipped.
         let mut repeats = true;
@@ -414,7 +412,11 @@ pub fn check_text(
                 "{punct:.3} of lines end in punctuation, fewer than 0.12"
             );
         }
-        let short = lines.iter().filter(|l| l.chars().count() <= 30).count() as f64 / nl;
+        let short = lines
+            .iter()
+            .filter(|l| l.len() <= 30 || l.chars().count() <= 30)
+            .count() as f64
+            / nl;
         if short > 0.67 {
             fire!(
                 "fineweb_short_lines",
@@ -610,6 +612,17 @@ fn contains_ignore_ascii_case(text: &str, needle: &[u8]) -> bool {
 fn count_sentences(text: &str) -> usize {
     let mut n = 0;
     let mut prev_terminal = false;
+    if text.is_ascii() {
+        for &b in text.as_bytes() {
+            let t = matches!(b, b'.' | b'!' | b'?');
+            // `char::is_whitespace` on ASCII, vertical tab included.
+            if !t && prev_terminal && matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r') {
+                n += 1;
+            }
+            prev_terminal = t;
+        }
+        return n + usize::from(prev_terminal);
+    }
     for c in text.chars() {
         let t = matches!(c, '.' | '!' | '?' | '。' | '！' | '？');
         if !t && prev_terminal && (c.is_whitespace()) {
@@ -637,25 +650,56 @@ fn duplicates(items: &[&str]) -> (usize, usize) {
     (dup, chars)
 }
 
-/// A hasher for keys that are already 64-bit hashes.
-#[derive(Default, Clone, Copy)]
-struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
+/// Counts of n-gram hashes: an open-addressing table reused across n-gram lengths and texts
+/// (a text's n-grams number in the hundreds; clearing touches only the slots used).
+#[derive(Default)]
+struct NgramCounts {
+    /// (hash, count, first position); count 0 marks an empty slot.
+    slots: Vec<(u64, u32, u32)>,
+    used: Vec<u32>,
 }
 
-type PrehashedMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<Prehashed>>;
+impl NgramCounts {
+    /// Empties the table and sizes it for `n` n-grams.
+    fn reset(&mut self, n: usize) {
+        let want = (2 * n).next_power_of_two().max(16);
+        if self.slots.len() < want {
+            self.slots = vec![(0, 0, 0); want];
+        } else {
+            for &i in &self.used {
+                self.slots[i as usize].1 = 0;
+            }
+        }
+        self.used.clear();
+    }
+
+    /// Counts `key` seen at position `at`; returns its count so far.
+    fn add(&mut self, key: u64, at: usize) -> u32 {
+        let mask = self.slots.len() - 1;
+        let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & mask;
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.1 == 0 {
+                *slot = (key, 1, at as u32);
+                self.used.push(i as u32);
+                return 1;
+            }
+            if slot.0 == key {
+                slot.1 += 1;
+                return slot.1;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// (count, first position) of every key counted.
+    fn entries(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.used.iter().map(|&i| {
+            let (_, c, at) = self.slots[i as usize];
+            (c as usize, at as usize)
+        })
+    }
+}
 
 /// The hash of the `n` words from `i` (words are given by their hashes).
 fn ngram_hash(hashes: &[u64], i: usize, n: usize) -> u64 {
@@ -668,55 +712,39 @@ fn ngram_hash(hashes: &[u64], i: usize, n: usize) -> u64 {
 
 /// Characters of the most frequent repeated `n`-gram times its count (datatrove's
 /// `find_top_duplicate`; n-grams are the words joined without spaces).
-fn top_ngram_share(
-    hashes: &[u64],
-    lens: &[usize],
-    n: usize,
-    counts: &mut PrehashedMap<(usize, usize)>,
-) -> f64 {
-    counts.clear();
+fn top_ngram_share(hashes: &[u64], lens: &[usize], n: usize, counts: &mut NgramCounts) -> f64 {
     if hashes.len() < n {
         return 0.0;
     }
+    counts.reset(hashes.len() - n + 1);
     for i in 0..=hashes.len() - n {
-        let e = counts.entry(ngram_hash(hashes, i, n)).or_insert((0, i));
-        e.0 += 1;
+        counts.add(ngram_hash(hashes, i, n), i);
     }
     // Only an n-gram that repeats counts (datatrove also counts a single occurrence, which on a
     // short text such as a Q&A pair is most of the text).
     counts
-        .values()
+        .entries()
         .filter(|(c, _)| *c > 1)
-        .map(|(c, at)| c * lens[*at..*at + n].iter().sum::<usize>())
+        .map(|(c, at)| c * lens[at..at + n].iter().sum::<usize>())
         .max()
         .unwrap_or(0) as f64
 }
 
 /// Characters of repeated `n`-grams: scanning left to right, an n-gram seen before adds its
 /// characters and the scan jumps past it (datatrove's `find_all_duplicate`).
-fn dup_ngram_chars(
-    hashes: &[u64],
-    lens: &[usize],
-    n: usize,
-    seen: &mut PrehashedMap<(usize, usize)>,
-) -> f64 {
-    seen.clear();
+fn dup_ngram_chars(hashes: &[u64], lens: &[usize], n: usize, seen: &mut NgramCounts) -> f64 {
     if hashes.len() < n {
         return 0.0;
     }
+    seen.reset(hashes.len() - n + 1);
     let mut chars = 0usize;
     let mut i = 0;
     while i + n <= hashes.len() {
-        let g = ngram_hash(hashes, i, n);
-        match seen.entry(g) {
-            std::collections::hash_map::Entry::Occupied(_) => {
-                chars += lens[i..i + n].iter().sum::<usize>();
-                i += n;
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert((0, 0));
-                i += 1;
-            }
+        if seen.add(ngram_hash(hashes, i, n), i) > 1 {
+            chars += lens[i..i + n].iter().sum::<usize>();
+            i += n;
+        } else {
+            i += 1;
         }
     }
     chars as f64
@@ -892,7 +920,26 @@ mod tests {
         assert!(!contains_ignore_ascii_case("lorem", b"lorem ipsum"));
     }
 
+    /// [`count_sentences`] without its ASCII path.
+    fn count_sentences_by_char(text: &str) -> usize {
+        let mut n = 0;
+        let mut prev_terminal = false;
+        for c in text.chars() {
+            let t = matches!(c, '.' | '!' | '?' | '。' | '！' | '？');
+            if !t && prev_terminal && c.is_whitespace() {
+                n += 1;
+            }
+            prev_terminal = t;
+        }
+        n + usize::from(prev_terminal)
+    }
+
     proptest! {
+        #[test]
+        fn ascii_sentences_count_as_by_char(text in "[a .!?\t\n\x0b\x0c\r]{0,200}") {
+            prop_assert_eq!(count_sentences(&text), count_sentences_by_char(&text));
+        }
+
         /// The repetition rules stop at the first n-gram length with no repeat: no longer n-gram
         /// can repeat then. Checked on texts from a small vocabulary (many repeats).
         #[test]
@@ -902,7 +949,7 @@ mod tests {
             let vocab = ["a", "bb", "ccc", "dddd", "ee", "f"];
             let hashes: Vec<u64> = words.iter().map(|&w| xxhash_rust::xxh3::xxh3_64(vocab[w].as_bytes())).collect();
             let lens: Vec<usize> = words.iter().map(|&w| vocab[w].len()).collect();
-            let mut m = PrehashedMap::default();
+            let mut m = NgramCounts::default();
             let mut shares: Vec<f64> = (2..=4)
                 .map(|g| top_ngram_share(&hashes, &lens, g, &mut m))
                 .collect();
