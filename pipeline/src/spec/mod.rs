@@ -243,6 +243,8 @@ pub struct StateConfig {
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
     /// Pending changes are written to disk (not yet durably) when they pass this many bytes.
+    /// Decisions go on while a write runs and new changes collect beside the ones being written,
+    /// so the state may hold up to twice this in memory.
     #[serde(default = "default_pending_bytes")]
     pub max_pending_bytes: u64,
 }
