@@ -35,8 +35,8 @@ use crate::operator::{
 };
 use crate::rows::{contribution_passthrough, route, Rows};
 use crate::state::{
-    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Replay, SharedSlot,
-    StateDb, StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Replay,
+    SharedSlot, StateDb, StateError,
 };
 
 /// Cross-contributor duplicates within a window are a flood.
@@ -601,6 +601,17 @@ struct NearPending {
     next_id: Option<u64>,
 }
 
+impl Pending for NearPending {
+    fn next_layer(&self) -> Self {
+        Self {
+            next_id: self.next_id,
+            ..Self::default()
+        }
+    }
+}
+
+impl Pending for HashMap<[u8; 16], Option<Original>> {}
+
 impl Layered<NearPending> {
     /// The record of document `id`: pending, else on disk; `None` when it does not exist or was
     /// forgotten.
@@ -655,10 +666,7 @@ impl NearTables {
 
 impl Flushable for NearTables {
     fn freeze(&self) {
-        let mut p = lock(&self.pending);
-        let next_id = p.current.next_id;
-        p.freeze();
-        p.current.next_id = next_id;
+        lock(&self.pending).freeze();
     }
 
     fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {

@@ -102,10 +102,20 @@ pub struct Layered<P> {
     pub frozen: Option<Arc<P>>,
 }
 
-impl<P: Default> Layered<P> {
+/// The changes one layer holds.
+pub trait Pending: Default {
+    /// What the next layer starts from when this one is frozen: running values that are not
+    /// changes (a next id, a window bound); nothing by default.
+    fn next_layer(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<P: Pending> Layered<P> {
     /// Moves `current` aside as the frozen layer; returns it.
     pub fn freeze(&mut self) -> Arc<P> {
-        let p = Arc::new(std::mem::take(&mut self.current));
+        let next = self.current.next_layer();
+        let p = Arc::new(std::mem::replace(&mut self.current, next));
         self.frozen = Some(p.clone());
         p
     }
@@ -468,6 +478,8 @@ impl Flushable for Journal {
     }
 }
 
+impl Pending for JournalPending {}
+
 /// The replay buffer of one partition's operator instance: decisions to repeat, loaded when the
 /// instance sees its first record.
 #[derive(Default)]
@@ -557,6 +569,8 @@ mod tests {
         /// During the write: could a decision run, and what did it read for key 1.
         during_write: Mutex<Option<(bool, Option<u64>)>>,
     }
+
+    impl Pending for BTreeMap<u64, u64> {}
 
     impl Probe {
         fn def() -> TableDefinition<'static, u64, u64> {

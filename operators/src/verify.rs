@@ -33,8 +33,8 @@ use crate::operator::{
 use crate::rows::{contribution_passthrough, route, Rows};
 use crate::signature::{parse_signature_hex, recover_signer};
 use crate::state::{
-    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Replay, SharedSlot,
-    StateDb, StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Replay,
+    SharedSlot, StateDb, StateError,
 };
 
 /// Configuration of a `verify_signatures` stage.
@@ -134,6 +134,15 @@ struct VerifyPending {
     oldest_live_window: u64,
 }
 
+impl Pending for VerifyPending {
+    fn next_layer(&self) -> Self {
+        Self {
+            oldest_live_window: self.oldest_live_window,
+            ..Self::default()
+        }
+    }
+}
+
 impl VerifyTables {
     fn nonces_def(&self) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
         TableDefinition::new(&self.nonces)
@@ -145,10 +154,7 @@ impl VerifyTables {
 
 impl Flushable for VerifyTables {
     fn freeze(&self) {
-        let mut p = lock(&self.pending);
-        let oldest_live_window = p.current.oldest_live_window;
-        p.freeze();
-        p.current.oldest_live_window = oldest_live_window;
+        lock(&self.pending).freeze();
     }
 
     fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
