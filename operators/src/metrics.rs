@@ -20,6 +20,7 @@ pub const COMMITTED_ROWS: &str = "ledgerflow_committed_rows_total";
 pub const PII_MASKED: &str = "ledgerflow_pii_masked_total";
 pub const PENALTY_POINTS: &str = "ledgerflow_penalty_points_total";
 pub const STATE_BYTES: &str = "ledgerflow_state_bytes";
+pub const SIGNATURES: &str = "ledgerflow_signatures_checked_total";
 
 const HELP: &[(&str, &str, &str)] = &[
     (ROWS_IN, "counter", "Rows received by an operator."),
@@ -65,6 +66,11 @@ const HELP: &[(&str, &str, &str)] = &[
         PENALTY_POINTS,
         "counter",
         "Penalty points charged to contributors, by reason.",
+    ),
+    (
+        SIGNATURES,
+        "counter",
+        "Signatures checked, by how: `batch` (a known key, in a batch) or `recovery` (one by one).",
     ),
     (
         STATE_BYTES,

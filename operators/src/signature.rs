@@ -14,7 +14,7 @@ use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
 use secp256k1::Message;
 
 /// Half the secp256k1 group order n, big-endian: the largest `s` a signature may carry.
-const HALF_ORDER: [u8; 32] = [
+pub(crate) const HALF_ORDER: [u8; 32] = [
     0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
     0x5d, 0x57, 0x6e, 0x73, 0x57, 0xa4, 0x50, 0x1d, 0xdf, 0xe9, 0x2f, 0x46, 0x68, 0x1b, 0x20, 0xa0,
 ];
@@ -53,6 +53,16 @@ pub fn parse_signature_hex(s: &str) -> Result<[u8; 65], SignatureError> {
 
 /// The Ethereum address that signed `digest` with `signature` (`r ‖ s ‖ v`).
 pub fn recover_signer(digest: &[u8; 32], signature: &[u8; 65]) -> Result<[u8; 20], SignatureError> {
+    Ok(address_of_uncompressed(&recover_public_key(
+        digest, signature,
+    )?))
+}
+
+/// The public key (uncompressed, `0x04 ‖ x ‖ y`) that signed `digest` with `signature`.
+pub fn recover_public_key(
+    digest: &[u8; 32],
+    signature: &[u8; 65],
+) -> Result<[u8; 65], SignatureError> {
     let v = signature[64];
     let recid = match v {
         27 | 28 => v - 27,
@@ -71,7 +81,7 @@ pub fn recover_signer(digest: &[u8; 32], signature: &[u8; 65]) -> Result<[u8; 20
     let key = sig
         .recover_ecdsa(Message::from_digest(*digest))
         .map_err(|_| SignatureError::Unrecoverable)?;
-    Ok(address_of_uncompressed(&key.serialize_uncompressed()))
+    Ok(key.serialize_uncompressed())
 }
 
 /// A contribution whose signature does not hold, with the `rejections` reason code.

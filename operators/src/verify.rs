@@ -27,11 +27,13 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::batch_verify::{prove, Claim, KnownKey, MIN_BATCH};
+use crate::metrics::SIGNATURES;
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
 };
 use crate::rows::{contribution_passthrough, route, Rows};
-use crate::signature::{parse_signature_hex, recover_signer};
+use crate::signature::{address_of_uncompressed, parse_signature_hex, recover_public_key};
 use crate::state::{
     barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Replay,
     SharedSlot, StateDb, StateError,
@@ -116,6 +118,7 @@ pub struct VerifyState {
     db: Arc<StateDb>,
     journal: Arc<Journal>,
     tables: Arc<VerifyTables>,
+    known: KnownKeys,
 }
 
 struct VerifyTables {
@@ -219,6 +222,7 @@ impl VerifyState {
             db: db.clone(),
             journal: Journal::open(db, stage)?,
             tables,
+            known: KnownKeys::default(),
         }))
     }
 }
@@ -237,10 +241,96 @@ enum SigOutcome {
     Refused(Decision),
 }
 
+/// A row ready for its signature to be checked, or already refused.
+enum Prepared {
+    Refused(Decision),
+    Ready {
+        claimed: [u8; 20],
+        digest: [u8; 32],
+        signature: [u8; 65],
+    },
+}
+
+fn refuse(reason: &str, detail: String) -> Prepared {
+    Prepared::Refused(Decision::reject(reason, detail))
+}
+
+/// Public keys of contributors whose signatures recovered before, shared by the partitions, so
+/// that their later signatures are checked in batches ([`crate::batch_verify`]). Bounded: past
+/// [`KnownKeys::MAX`] an arbitrary key is forgotten for each new one (it is learnt again from its
+/// contributor's next signature).
+#[derive(Default)]
+struct KnownKeys {
+    keys: Mutex<HashMap<[u8; 20], Arc<KnownKey>>>,
+}
+
+impl KnownKeys {
+    /// ~200 bytes each: at most ~13 MB.
+    const MAX: usize = 1 << 16;
+
+    /// Which rows are proven to be signed by their claimed contributor (see [`prove`]).
+    fn prove(&self, prepared: &[Prepared]) -> Vec<bool> {
+        let mut proven = vec![false; prepared.len()];
+        let known: Vec<(usize, Arc<KnownKey>)> = {
+            let keys = lock(&self.keys);
+            prepared
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| match p {
+                    Prepared::Ready { claimed, .. } => keys.get(claimed).map(|k| (i, k.clone())),
+                    Prepared::Refused(_) => None,
+                })
+                .collect()
+        };
+        if known.len() < MIN_BATCH {
+            return proven;
+        }
+        let claims: Vec<Claim<'_>> = known
+            .iter()
+            .map(|(i, key)| match &prepared[*i] {
+                Prepared::Ready {
+                    claimed,
+                    digest,
+                    signature,
+                } => Claim {
+                    digest: *digest,
+                    signature,
+                    signer: *claimed,
+                    key,
+                },
+                Prepared::Refused(_) => unreachable!("only ready rows are known"),
+            })
+            .collect();
+        for ((i, _), ok) in known.iter().zip(prove(&claims)) {
+            proven[*i] = ok;
+        }
+        proven
+    }
+
+    fn learn(&self, learnt: Vec<([u8; 20], [u8; 65])>) {
+        if learnt.is_empty() {
+            return;
+        }
+        let mut keys = lock(&self.keys);
+        for (address, point) in learnt {
+            if keys.contains_key(&address) {
+                continue;
+            }
+            let Some(key) = KnownKey::from_uncompressed(&point) else {
+                continue;
+            };
+            if keys.len() >= Self::MAX {
+                let any = *keys.keys().next().expect("full, so not empty");
+                keys.remove(&any);
+            }
+            keys.insert(address, Arc::new(key));
+        }
+    }
+}
+
 impl Verify {
-    fn check_signature(&self, rows: &Rows<'_>, i: usize) -> SigOutcome {
-        let refuse =
-            |reason: &str, detail: String| SigOutcome::Refused(Decision::reject(reason, detail));
+    /// Everything about row `i`'s signature that needs no elliptic-curve arithmetic.
+    fn prepare(&self, rows: &Rows<'_>, i: usize) -> Prepared {
         let Some(claimed) = hex0x::decode_fixed::<20>(rows.contributor.value(i)) else {
             return refuse("schema", "contributor is not a 20-byte address".into());
         };
@@ -259,22 +349,79 @@ impl Verify {
             rows.expires_at.value(i),
         );
         let digest = eip712_digest(&self.separator, &struct_hash);
-        let sig = match parse_signature_hex(rows.signature.value(i)) {
-            Ok(s) => s,
-            Err(e) => return refuse("bad_signature", e.to_string()),
-        };
-        match recover_signer(&digest, &sig) {
-            Ok(signer) if signer == claimed => SigOutcome::Valid(signer),
-            Ok(signer) => refuse(
-                "signer_mismatch",
-                format!(
-                    "signed by 0x{}, not by the contributor {}",
-                    hex::encode(signer),
-                    rows.contributor.value(i)
-                ),
-            ),
+        match parse_signature_hex(rows.signature.value(i)) {
+            Ok(signature) => Prepared::Ready {
+                claimed,
+                digest,
+                signature,
+            },
             Err(e) => refuse("bad_signature", e.to_string()),
         }
+    }
+
+    /// Recovers row `i`'s signer one by one; a signer that is the contributor is `learnt`.
+    fn recover(
+        rows: &Rows<'_>,
+        i: usize,
+        claimed: &[u8; 20],
+        digest: &[u8; 32],
+        signature: &[u8; 65],
+        learnt: &mut Vec<([u8; 20], [u8; 65])>,
+    ) -> SigOutcome {
+        match recover_public_key(digest, signature) {
+            Ok(key) => {
+                let signer = address_of_uncompressed(&key);
+                if signer == *claimed {
+                    learnt.push((signer, key));
+                    SigOutcome::Valid(signer)
+                } else {
+                    SigOutcome::Refused(Decision::reject(
+                        "signer_mismatch",
+                        format!(
+                            "signed by 0x{}, not by the contributor {}",
+                            hex::encode(signer),
+                            rows.contributor.value(i)
+                        ),
+                    ))
+                }
+            }
+            Err(e) => SigOutcome::Refused(Decision::reject("bad_signature", e.to_string())),
+        }
+    }
+
+    /// The signature outcome of every row: rows by contributors whose keys are known are
+    /// checked in one batch, the rest (and any the batch does not prove) one by one.
+    fn check_signatures(&self, rows: &Rows<'_>, ctx: &mut OperatorContext) -> Vec<SigOutcome> {
+        let prepared: Vec<Prepared> = (0..rows.len()).map(|i| self.prepare(rows, i)).collect();
+        let proven = self.state.known.prove(&prepared);
+        let batched = proven.iter().filter(|p| **p).count();
+        let ready = prepared
+            .iter()
+            .filter(|p| matches!(p, Prepared::Ready { .. }))
+            .count();
+        if batched > 0 {
+            ctx.count(SIGNATURES, "batch", batched as u64);
+        }
+        if ready > batched {
+            ctx.count(SIGNATURES, "recovery", (ready - batched) as u64);
+        }
+        let mut learnt = Vec::new();
+        let outcomes = prepared
+            .into_iter()
+            .zip(proven)
+            .enumerate()
+            .map(|(i, (p, proven))| match p {
+                Prepared::Refused(d) => SigOutcome::Refused(d),
+                Prepared::Ready { claimed, .. } if proven => SigOutcome::Valid(claimed),
+                Prepared::Ready {
+                    claimed,
+                    digest,
+                    signature,
+                } => Self::recover(rows, i, &claimed, &digest, &signature, &mut learnt),
+            })
+            .collect();
+        self.state.known.learn(learnt);
+        outcomes
     }
 
     /// Decides a row whose signature holds, against (and updating) the shared state.
@@ -376,10 +523,8 @@ impl Operator for Verify {
         let rows = Rows::new(&batch, &ctx.stage)?;
         let stage = ctx.stage.clone();
         let err = |e: &dyn std::fmt::Display| op_err(&stage, e);
-        // Signatures first, outside any lock: they are most of the work.
-        let sigs: Vec<SigOutcome> = (0..rows.len())
-            .map(|i| self.check_signature(&rows, i))
-            .collect();
+        // Signatures first, outside the state's locks: they are most of the work.
+        let sigs = self.check_signatures(&rows, ctx);
         let state = self.state.clone();
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
@@ -506,6 +651,11 @@ mod tests {
 
     /// Runs decode then `op` over `batch`; returns the reason of each row in order.
     fn decide(op: &mut Box<dyn Operator>, batch: RecordBatch) -> Vec<String> {
+        decide_counting(op, batch).0
+    }
+
+    /// [`decide`], and the signatures checked in a batch.
+    fn decide_counting(op: &mut Box<dyn Operator>, batch: RecordBatch) -> (Vec<String>, u64) {
         let mut decode = DecodeConfig::default()
             .instantiate("decode", &StageEnv::default())
             .unwrap();
@@ -517,6 +667,12 @@ mod tests {
         let mut ctx = OperatorContext::new("verify", 0);
         let mut out = Collector::default();
         op.process_batch(rows, &mut ctx, &mut out).unwrap();
+        let batched = ctx
+            .take_counts()
+            .iter()
+            .filter(|(name, kind, _)| *name == SIGNATURES && *kind == "batch")
+            .map(|(_, _, n)| n)
+            .sum();
         let kept: Vec<i64> = out
             .take()
             .iter()
@@ -527,7 +683,7 @@ mod tests {
             .into_iter()
             .map(|r| (r.kafka_offset, r.reason))
             .collect();
-        offsets
+        let reasons = offsets
             .iter()
             .map(|o| {
                 if kept.contains(o) {
@@ -536,10 +692,90 @@ mod tests {
                     rejected[o].clone()
                 }
             })
-            .collect()
+            .collect();
+        (reasons, batched)
     }
 
     use std::collections::BTreeMap;
+
+    /// Contributors seen before are checked in batches: the decisions are those of one-by-one
+    /// recovery, forgeries among them included.
+    #[test]
+    fn known_contributors_are_checked_in_batches_with_the_same_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let env = StageEnv {
+            state: Some(db),
+            ..Default::default()
+        };
+        let stage = VerifyStage::new(VerifyConfig {
+            clock_skew_seconds: 60,
+            rate_limit: None,
+        });
+        let t = 1_800_000_000u64;
+        let ms = t as i64 * 1000;
+        let mut op = stage.instantiate("verify", &env).unwrap();
+        // First sight of keys 1..=4: recovered one by one, and learnt.
+        let first: Vec<(String, i64)> = (1..=4u8)
+            .map(|k| (signed(k, &format!("first {k}"), 0, t, t + 10), ms))
+            .collect();
+        assert_eq!(decide(&mut op, records(&first, 0)), ["accept"; 4]);
+        let mut msgs = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..200u64 {
+            let key = (i % 4) as u8 + 1;
+            let mut m = signed(key, &format!("text {i}"), i + 1, t, t + 10);
+            let reason = match i {
+                // Another known contributor's signature over this message.
+                17 => {
+                    let other = signed(key % 4 + 1, &format!("text {i}"), i + 1, t, t + 10);
+                    let sig = |m: &str| m[m.find("\"signature\"").unwrap()..].to_string();
+                    m = m.replace(&sig(&m), &sig(&other));
+                    "signer_mismatch"
+                }
+                // The other y parity.
+                90 => {
+                    m = m
+                        .replace("1b\"}", "1x\"}")
+                        .replace("1c\"}", "1b\"}")
+                        .replace("1x\"}", "1c\"}");
+                    "signer_mismatch"
+                }
+                // High s.
+                151 => {
+                    let at = m.find("\"signature\":\"0x").unwrap() + 15 + 64;
+                    m.replace_range(at..at + 1, "f");
+                    "bad_signature"
+                }
+                _ => "accept",
+            };
+            msgs.push((m, ms));
+            want.push(reason);
+        }
+        let (reasons, batched) = decide_counting(&mut op, records(&msgs, 10));
+        assert_eq!(reasons, want);
+        // All but the forgeries' halves of the batch (the sub-batches that hold) went by batch.
+        assert!(batched >= 100, "{batched} signatures checked in batches");
+        // A new partition's instance with no keys learnt decides the same rows the same way
+        // (one by one), against a fresh state.
+        let dir2 = tempfile::tempdir().unwrap();
+        let env2 = StageEnv {
+            state: Some(StateDb::open(dir2.path(), 1 << 20).unwrap()),
+            ..Default::default()
+        };
+        let mut cold = stage_fresh().instantiate("verify", &env2).unwrap();
+        assert_eq!(
+            decide_counting(&mut cold, records(&msgs, 10)),
+            (want.iter().map(|s| s.to_string()).collect(), 0)
+        );
+    }
+
+    fn stage_fresh() -> VerifyStage {
+        VerifyStage::new(VerifyConfig {
+            clock_skew_seconds: 60,
+            rate_limit: None,
+        })
+    }
 
     #[test]
     fn window_replay_rate_limit_and_a_replayed_partition() {

@@ -3,6 +3,8 @@
 //!   ledgerflow     `recover_signer`: v / high-s checks, recovery, keccak256 → address
 //!   k256           RustCrypto's pure-Rust recovery (context only)
 //!   ledgerflow+eip712  `check_contribution`: the EIP-712 digest of a whole message, then the above
+//!   ledgerflow batch   `batch_verify::prove` over batches of 4,096 signatures whose signers' keys
+//!                  are known (what the verify stage does for contributors seen before)
 //!
 //!   cargo run --release -p ledgerflow --example bench_signatures [COUNT] [ROUNDS]
 //! Prints a Markdown table (recoveries/s per core, ratio to libsecp256k1).
@@ -12,7 +14,8 @@ use std::time::Instant;
 
 use ledgerflow::gen::{write_contributions, GenOptions};
 use ledgerflow::wallet::TestWallet;
-use ledgerflow_operators::signature::{check_contribution, recover_signer};
+use ledgerflow_operators::batch_verify::{prove, Claim, KnownKey, MIN_BATCH};
+use ledgerflow_operators::signature::{check_contribution, recover_public_key, recover_signer};
 use ledgerflow_schemas::contribution::{keccak256, Contribution, SigningDomain};
 
 fn main() {
@@ -62,6 +65,21 @@ fn main() {
         .filter(|l| !l.is_empty())
         .collect();
     let domain = SigningDomain::default();
+    let keys: Vec<KnownKey> = cases[..wallets.len()]
+        .iter()
+        .map(|(d, s)| KnownKey::from_uncompressed(&recover_public_key(d, s).unwrap()).unwrap())
+        .collect();
+    let claims: Vec<Claim<'_>> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (d, s))| Claim {
+            digest: *d,
+            signature: s,
+            signer: wallets[i % wallets.len()].address(),
+            key: &keys[i % wallets.len()],
+        })
+        .collect();
+    assert!(count >= MIN_BATCH, "COUNT below the smallest batch");
 
     type Bench<'a> = (&'a str, Box<dyn Fn() + 'a>);
     let benches: Vec<Bench<'_>> = vec![
@@ -95,6 +113,14 @@ fn main() {
                 for m in &messages {
                     let c: Contribution<'_> = serde_json::from_slice(m).unwrap();
                     black_box(check_contribution(&c, &domain).unwrap());
+                }
+            }),
+        ),
+        (
+            "ledgerflow batch",
+            Box::new(|| {
+                for chunk in claims.chunks(4096) {
+                    assert!(black_box(prove(chunk)).iter().all(|p| *p));
                 }
             }),
         ),
