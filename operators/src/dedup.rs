@@ -29,14 +29,15 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::band_runs::{BandRuns, DiskBands, RunTables};
 use crate::minhash::{band_keys, estimate, exact_key, normalize, MinHasher};
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, Settled, StageEnv, StageFactory,
 };
 use crate::rows::{contribution_passthrough, route, Rows};
 use crate::state::{
-    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Replay,
-    SharedSlot, StateDb, StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Released,
+    Replay, SharedSlot, StateDb, StateError,
 };
 
 /// Cross-contributor duplicates within a window are a flood.
@@ -294,8 +295,8 @@ impl Flushable for ExactTables {
         Ok(())
     }
 
-    fn release(&self) {
-        lock(&self.pending).release();
+    fn release(&self) -> Released {
+        lock(&self.pending).release()
     }
 
     fn pending_bytes(&self) -> usize {
@@ -495,7 +496,9 @@ pub struct NearState {
 }
 
 struct NearTables {
-    buckets: String,
+    /// The band index: sorted runs ([`crate::band_runs`]).
+    bands: RunTables,
+    runs: Mutex<BandRuns>,
     docs: String,
     meta: String,
     pending: Mutex<Layered<NearPending>>,
@@ -504,7 +507,7 @@ struct NearTables {
 }
 
 /// A blocked Bloom filter of the band keys in the index: a key it has never seen costs no
-/// B-tree lookup, and most documents are new, none of their band keys anywhere. 16 bits and 7
+/// disk lookup, and most documents are new, none of their band keys anywhere. 16 bits and 7
 /// probes per key, all in one 64-byte block (one cache line): about 0.1 % false positives,
 /// which only cost the lookup. Band keys are already hashes. When it holds more keys than it
 /// was sized for it is rebuilt twice as large from the index; keys of forgotten documents stay
@@ -556,11 +559,11 @@ impl BandFilter {
     /// the index as seen by a decision (disk through `buckets`, and the pending layers).
     fn grow_if_full(
         &mut self,
-        buckets: &redb::ReadOnlyTable<(u64, u64), ()>,
+        disk: &DiskBands,
         pending: &Layered<NearPending>,
     ) -> Result<(), redb::Error> {
         if self.keys > self.capacity {
-            *self = Self::build(2 * self.keys, buckets, pending)?;
+            *self = Self::build(2 * self.keys, disk, pending)?;
         }
         Ok(())
     }
@@ -568,14 +571,11 @@ impl BandFilter {
     /// A filter of every band key in `buckets` and in the pending layers, sized for `keys`.
     fn build(
         keys: u64,
-        buckets: &redb::ReadOnlyTable<(u64, u64), ()>,
+        disk: &DiskBands,
         pending: &Layered<NearPending>,
     ) -> Result<Self, redb::Error> {
-        use redb::ReadableTable;
         let mut f = Self::with_capacity(keys);
-        for entry in buckets.iter()? {
-            f.insert(entry?.0.value().0);
-        }
+        disk.each_key(|k| f.insert(k))?;
         for layer in pending
             .frozen
             .as_deref()
@@ -596,8 +596,6 @@ struct NearPending {
     /// doc id → original ‖ truncated signature (u32 little-endian); `None` forgets the document
     /// (it was refused downstream).
     docs: HashMap<u64, Option<Vec<u8>>>,
-    /// Band entries of forgotten documents to delete.
-    forgotten: Vec<(u64, u64)>,
     next_id: Option<u64>,
 }
 
@@ -630,7 +628,7 @@ impl Layered<NearPending> {
     fn candidates(
         &self,
         keys: &[u64],
-        buckets: &redb::ReadOnlyTable<(u64, u64), ()>,
+        disk: &DiskBands,
         filter: &BandFilter,
     ) -> Result<BTreeSet<u64>, redb::Error> {
         let mut candidates = BTreeSet::new();
@@ -643,18 +641,19 @@ impl Layered<NearPending> {
                     candidates.extend(ids.iter().copied());
                 }
             }
-            for entry in buckets.range((*k, 0)..=(*k, u64::MAX))? {
-                candidates.insert(entry?.0.value().1);
-            }
+            disk.ids(*k, |id| {
+                candidates.insert(id);
+            })?;
         }
         Ok(candidates)
     }
 }
 
 impl NearTables {
-    /// (band key, doc id) → (): a bucket is the range of one band key.
-    fn buckets_def(&self) -> TableDefinition<'_, (u64, u64), ()> {
-        TableDefinition::new(&self.buckets)
+    /// The band index as `txn` sees it, with the runs live now (call holding the gate).
+    fn disk_bands(&self, txn: &redb::ReadTransaction) -> Result<DiskBands, redb::Error> {
+        let runs = lock(&self.runs).live();
+        self.bands.reader(txn, runs)
     }
     fn docs_def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
         TableDefinition::new(&self.docs)
@@ -673,23 +672,17 @@ impl Flushable for NearTables {
         let Some(p) = lock(&self.pending).frozen() else {
             return Ok(());
         };
-        // In key order: neighbouring inserts land on the same B-tree pages (document ids only
-        // grow, so the documents are appended).
+        // The band entries as one sorted run (document ids only grow, so the documents below
+        // are appended to their B-tree).
         let mut entries: Vec<(u64, u64)> = p
             .buckets
             .iter()
             .flat_map(|(k, ids)| ids.iter().map(move |id| (*k, *id)))
             .collect();
         entries.sort_unstable();
-        let mut b = txn.open_table(self.buckets_def())?;
-        for key in entries {
-            b.insert(key, ())?;
-        }
-        let mut forgotten = p.forgotten.clone();
-        forgotten.sort_unstable();
-        for key in &forgotten {
-            b.remove(key)?;
-        }
+        let mut runs = lock(&self.runs).writer();
+        runs.append(txn, &entries)?;
+        lock(&self.runs).stage(runs);
         let mut docs: Vec<_> = p.docs.iter().collect();
         docs.sort_unstable_by_key(|(id, _)| **id);
         let mut d = txn.open_table(self.docs_def())?;
@@ -705,14 +698,14 @@ impl Flushable for NearTables {
         Ok(())
     }
 
-    fn release(&self) {
-        lock(&self.pending).release();
+    fn release(&self) -> Released {
+        lock(&self.runs).release();
+        lock(&self.pending).release()
     }
 
     fn pending_bytes(&self) -> usize {
         let p = &lock(&self.pending).current;
         p.buckets.len() * 48
-            + p.forgotten.len() * 16
             + p.docs
                 .values()
                 .map(|v| v.as_ref().map_or(0, Vec::len) + 48)
@@ -734,26 +727,32 @@ impl StageFactory for NearStage {
         let state = self
             .shared
             .get_or_init(db, || {
+                let db_err = |e: redb::Error| StateError::Db {
+                    path: db.path().display().to_string(),
+                    detail: e.to_string(),
+                };
+                let bands = RunTables::new(stage);
+                // `{stage}/band_index` was the B-tree index of earlier versions.
+                let runs = bands
+                    .open(db.db(), &format!("{stage}/band_index"))
+                    .map_err(db_err)?;
                 let tables = Arc::new(NearTables {
-                    buckets: format!("{stage}/band_index"),
+                    bands,
+                    runs: Mutex::new(runs),
                     docs: format!("{stage}/docs"),
                     meta: format!("{stage}/meta"),
                     pending: Mutex::new(Layered::default()),
                     filter: Mutex::new(BandFilter::with_capacity(0)),
                 });
-                db.ensure_table(tables.buckets_def())?;
                 db.ensure_table(tables.docs_def())?;
                 db.ensure_table(tables.meta_def())?;
                 *lock(&tables.filter) = (|| {
                     let txn = db.db().begin_read()?;
-                    let buckets = txn.open_table(tables.buckets_def())?;
-                    let n = redb::ReadableTableMetadata::len(&buckets)?;
-                    BandFilter::build(2 * n, &buckets, &Layered::default())
+                    let disk = tables.disk_bands(&txn)?;
+                    let n = lock(&tables.runs).entries();
+                    BandFilter::build(2 * n, &disk, &Layered::default())
                 })()
-                .map_err(|e: redb::Error| StateError::Db {
-                    path: db.path().display().to_string(),
-                    detail: e.to_string(),
-                })?;
+                .map_err(db_err)?;
                 db.register(tables.clone());
                 Ok(Arc::new(NearState {
                     db: db.clone(),
@@ -801,7 +800,7 @@ impl Near {
         i: usize,
         sig: &[u32],
         keys: &[u64],
-        buckets: &redb::ReadOnlyTable<(u64, u64), ()>,
+        disk: &DiskBands,
         docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
         next_from_disk: u64,
         pending: &mut Layered<NearPending>,
@@ -813,7 +812,7 @@ impl Near {
         }
         let mut filter = lock(&self.state.tables.filter);
         let mut best: Option<Match> = None;
-        for id in pending.candidates(keys, buckets, &filter)? {
+        for id in pending.candidates(keys, disk, &filter)? {
             let Some(record) = pending.doc(id, docs)? else {
                 continue;
             };
@@ -861,7 +860,7 @@ impl Near {
             }
             return Ok(Some(d));
         }
-        filter.grow_if_full(buckets, pending)?;
+        filter.grow_if_full(disk, pending)?;
         let pending = &mut pending.current;
         let id = pending.next_id.unwrap_or(next_from_disk);
         pending.next_id = Some(id + 1);
@@ -1008,9 +1007,7 @@ impl Operator for Near {
         let state = self.state.clone();
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
-        let buckets = txn
-            .open_table(state.tables.buckets_def())
-            .map_err(|e| err(&e))?;
+        let disk = state.tables.disk_bands(&txn).map_err(|e| err(&e))?;
         let docs = txn
             .open_table(state.tables.docs_def())
             .map_err(|e| err(&e))?;
@@ -1046,7 +1043,7 @@ impl Operator for Near {
                     i,
                     sig,
                     keys,
-                    &buckets,
+                    &disk,
                     &docs,
                     next_from_disk,
                     &mut pending,
@@ -1091,9 +1088,7 @@ impl Operator for Near {
         let err = |e: &dyn std::fmt::Display| op_err(&ctx.stage, e);
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
-        let buckets = txn
-            .open_table(state.tables.buckets_def())
-            .map_err(|e| err(&e))?;
+        let disk = state.tables.disk_bands(&txn).map_err(|e| err(&e))?;
         let docs = txn
             .open_table(state.tables.docs_def())
             .map_err(|e| err(&e))?;
@@ -1101,7 +1096,7 @@ impl Operator for Near {
         let filter = lock(&state.tables.filter);
         for (keys, row) in refused {
             for id in pending
-                .candidates(&keys, &buckets, &filter)
+                .candidates(&keys, &disk, &filter)
                 .map_err(|e| err(&e))?
             {
                 let record = pending.doc(id, &docs).map_err(|e| err(&e))?;
@@ -1109,12 +1104,12 @@ impl Operator for Near {
                     continue;
                 }
                 let current = &mut pending.current;
+                // Its band entries on disk stay; they lead to no record (see band_runs).
                 current.docs.insert(id, None);
                 for k in &keys {
                     if let Some(ids) = current.buckets.get_mut(k) {
                         ids.retain(|x| *x != id);
                     }
-                    current.forgotten.push((*k, id));
                 }
             }
         }
@@ -1141,17 +1136,22 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(dir.path(), 1 << 20).unwrap();
-        let def: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("band_index");
+        let tables = RunTables::new("near");
+        let mut runs = tables.open(db.db(), "near/band_index").unwrap();
         // Keys on disk, in a frozen layer and in the current one.
         let on_disk: Vec<u64> = (0..1000).map(|_| rng.gen()).collect();
+        let mut entries: Vec<(u64, u64)> = on_disk
+            .iter()
+            .enumerate()
+            .map(|(id, k)| (*k, id as u64))
+            .collect();
+        entries.sort_unstable();
         let txn = db.db().begin_write().unwrap();
-        {
-            let mut t = txn.open_table(def).unwrap();
-            for (id, k) in on_disk.iter().enumerate() {
-                t.insert((*k, id as u64), ()).unwrap();
-            }
-        }
+        let mut w = runs.writer();
+        w.append(&txn, &entries).unwrap();
+        runs.stage(w);
         txn.commit().unwrap();
+        runs.release();
         let mut pending = Layered::<NearPending>::default();
         let frozen: Vec<u64> = (0..1000).map(|_| rng.gen()).collect();
         for k in &frozen {
@@ -1163,14 +1163,14 @@ mod tests {
             pending.current.buckets.entry(*k).or_default().push(2);
         }
         let rtxn = db.db().begin_read().unwrap();
-        let buckets = rtxn.open_table(def).unwrap();
-        let mut f = BandFilter::build(0, &buckets, &Layered::default()).unwrap();
+        let disk = tables.reader(&rtxn, runs.live()).unwrap();
+        let mut f = BandFilter::build(0, &disk, &Layered::default()).unwrap();
         assert!(on_disk.iter().all(|k| f.may_contain(*k)));
         for k in frozen.iter().chain(&current) {
             f.insert(*k);
         }
         assert!(f.keys > f.capacity);
-        f.grow_if_full(&buckets, &pending).unwrap();
+        f.grow_if_full(&disk, &pending).unwrap();
         assert_eq!(f.capacity, 4 * BandFilter::MIN_KEYS);
         assert!(on_disk
             .iter()

@@ -10,6 +10,7 @@
 //! their output schema at plan time through [`StageFactory::output_schema`], so a mismatch fails
 //! `ledgerflow validate` rather than a running job.
 
+pub mod band_runs;
 pub mod batch_verify;
 pub mod decode;
 pub mod dedup;

@@ -87,11 +87,15 @@ pub trait Flushable: Send + Sync {
     /// Writes the changes set aside into `txn` (decisions run meanwhile).
     fn write_frozen(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error>;
     /// The flush has committed: the changes set aside are on disk and can go (no decision runs
-    /// meanwhile).
-    fn release(&self);
+    /// meanwhile). Returns them, to be dropped after decisions may run again: freeing millions
+    /// of small allocations is not for the exclusive gate.
+    fn release(&self) -> Released;
     /// Bytes of pending changes held in memory, not counting those set aside (approximate).
     fn pending_bytes(&self) -> usize;
 }
+
+/// What [`Flushable::release`] lets go, dropped outside the gate.
+pub type Released = Option<Box<dyn Send>>;
 
 /// The in-memory changes of a stage's tables in two layers: `current` takes new changes;
 /// `frozen` holds the ones a flush in progress is writing, which decisions read (after
@@ -125,9 +129,12 @@ impl<P: Pending> Layered<P> {
         self.frozen.clone()
     }
 
-    /// Lets the frozen layer go (it is on disk).
-    pub fn release(&mut self) {
-        self.frozen = None;
+    /// Lets the frozen layer go (it is on disk); returns it to be dropped by the caller.
+    pub fn release(&mut self) -> Released
+    where
+        P: Send + Sync + 'static,
+    {
+        self.frozen.take().map(|p| Box::new(p) as Box<dyn Send>)
     }
 
     /// The newest answer of `f` over the layers: `current`, then `frozen`.
@@ -211,8 +218,10 @@ impl StateDb {
             for w in &writers {
                 w.freeze();
             }
-            ticket
+            (ticket, pending)
         };
+        let (ticket, bytes) = ticket;
+        let started = std::time::Instant::now();
         let err = |e: redb::Error| StateError::db(&self.path, e);
         let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         txn.set_durability(if durable {
@@ -225,16 +234,21 @@ impl StateDb {
             w.write_frozen(&txn).map_err(err)?;
         }
         txn.commit().map_err(|e| err(e.into()))?;
-        {
+        let released: Vec<Released> = {
             let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-            for w in &writers {
-                w.release();
-            }
-        }
+            writers.iter().map(|w| w.release()).collect()
+        };
+        drop(released);
         self.undurable.store(!durable, SeqCst);
         if durable {
             self.durable_done.fetch_max(ticket, SeqCst);
         }
+        tracing::debug!(
+            durable,
+            bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "state written"
+        );
         Ok(())
     }
 
@@ -468,8 +482,8 @@ impl Flushable for Journal {
         Ok(())
     }
 
-    fn release(&self) {
-        lock(&self.pending).release();
+    fn release(&self) -> Released {
+        lock(&self.pending).release()
     }
 
     fn pending_bytes(&self) -> usize {
@@ -596,8 +610,8 @@ mod tests {
             }
             Ok(())
         }
-        fn release(&self) {
-            lock(&self.layers).release();
+        fn release(&self) -> Released {
+            lock(&self.layers).release()
         }
         fn pending_bytes(&self) -> usize {
             lock(&self.layers).current.len() * 16

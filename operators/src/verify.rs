@@ -35,8 +35,8 @@ use crate::operator::{
 use crate::rows::{contribution_passthrough, route, Rows};
 use crate::signature::{address_of_uncompressed, parse_signature_hex, recover_public_key};
 use crate::state::{
-    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Replay,
-    SharedSlot, StateDb, StateError,
+    barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Released,
+    Replay, SharedSlot, StateDb, StateError,
 };
 
 /// Configuration of a `verify_signatures` stage.
@@ -182,8 +182,8 @@ impl Flushable for VerifyTables {
         Ok(())
     }
 
-    fn release(&self) {
-        lock(&self.pending).release();
+    fn release(&self) -> Released {
+        lock(&self.pending).release()
     }
 
     fn pending_bytes(&self) -> usize {
