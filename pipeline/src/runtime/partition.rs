@@ -429,7 +429,6 @@ impl PartitionPipeline {
                 _ => continue,
             };
             self.reject(rejected)?;
-            tracing::debug!(partition = self.key.partition, stage = %self.names[idx], ms = started.elapsed().as_millis() as u64, "TMP barrier op");
             for batch in out {
                 self.push_from(idx, batch)?;
             }
@@ -442,11 +441,6 @@ impl PartitionPipeline {
                 files.extend(sink.finish(&name)?);
             }
         }
-        tracing::debug!(
-            partition = self.key.partition,
-            ms = started.elapsed().as_millis() as u64,
-            "TMP sinks"
-        );
         files.extend(self.rejections.finish(&name)?);
         files.extend(self.penalties.finish(&name)?);
 
