@@ -602,11 +602,17 @@ fn contains_ignore_ascii_case(text: &str, needle: &[u8]) -> bool {
     let Some(&first) = needle.first() else {
         return true;
     };
-    t.len() >= needle.len()
-        && (0..=t.len() - needle.len()).any(|i| {
-            t[i].to_ascii_lowercase() == first
-                && t[i..i + needle.len()].eq_ignore_ascii_case(needle)
-        })
+    let Some(last_start) = t.len().checked_sub(needle.len()) else {
+        return false;
+    };
+    let starts = &t[..=last_start];
+    let hit = |i: usize| t[i..i + needle.len()].eq_ignore_ascii_case(needle);
+    let upper = first.to_ascii_uppercase();
+    if upper == first {
+        memchr::memchr_iter(first, starts).any(hit)
+    } else {
+        memchr::memchr2_iter(first, upper, starts).any(hit)
+    }
 }
 
 fn count_sentences(text: &str) -> usize {
@@ -770,23 +776,53 @@ static PHONE: LazyLock<Regex> = LazyLock::new(|| {
     .expect("regex")
 });
 
+/// Necessary for [`EMAIL`]: an `@`.
+fn may_hold_email(b: &[u8]) -> bool {
+    memchr::memchr(b'@', b).is_some()
+}
+
+/// Necessary for [`IPV4`]: a `.` between two digits.
+fn may_hold_ipv4(b: &[u8]) -> bool {
+    memchr::memchr_iter(b'.', b)
+        .any(|i| i > 0 && i + 1 < b.len() && b[i - 1].is_ascii_digit() && b[i + 1].is_ascii_digit())
+}
+
+/// Necessary for [`PHONE`]: three digits, a separator (`(?-u)\s`, `.` or `-`), three digits.
+fn may_hold_phone(b: &[u8]) -> bool {
+    let separator = |c: u8| matches!(c, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ' | b'.' | b'-');
+    let mut run = 0usize;
+    for (i, &c) in b.iter().enumerate() {
+        if c.is_ascii_digit() {
+            run += 1;
+            continue;
+        }
+        if run >= 3
+            && separator(c)
+            && b.get(i + 1..i + 4)
+                .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+        {
+            return true;
+        }
+        run = 0;
+    }
+    false
+}
+
 /// Replaces e-mail addresses, IPv4 addresses and phone numbers with placeholders; returns the
 /// text and how many of each kind were masked (`None` when nothing was).
 pub fn mask_pii(text: &str) -> Option<(String, [(&'static str, u64); 3])> {
-    let quick = text.contains('@') || text.bytes().filter(u8::is_ascii_digit).count() >= 7;
-    if !quick {
-        return None;
-    }
     let mut counts = [("email", 0u64), ("ip", 0), ("phone", 0)];
     let mut out = std::borrow::Cow::Borrowed(text);
-    for (k, (re, placeholder)) in [
-        (&*EMAIL, "<EMAIL>"),
-        (&*IPV4, "<IP_ADDRESS>"),
-        (&*PHONE, "<PHONE>"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    let patterns: [(&Regex, &str, fn(&[u8]) -> bool); 3] = [
+        (&EMAIL, "<EMAIL>", may_hold_email),
+        (&IPV4, "<IP_ADDRESS>", may_hold_ipv4),
+        (&PHONE, "<PHONE>", may_hold_phone),
+    ];
+    for (k, (re, placeholder, may_hold)) in patterns.into_iter().enumerate() {
+        // A byte scan first: most texts cannot match a pattern at all.
+        if !may_hold(out.as_bytes()) {
+            continue;
+        }
         let n = re.find_iter(&out).count() as u64;
         if n > 0 {
             counts[k].1 = n;
@@ -1051,6 +1087,11 @@ mod tests {
         );
         assert_eq!(counts, [("email", 1), ("ip", 1), ("phone", 1)]);
         assert!(mask_pii("Section 12 of the 1998 rules applies.").is_none());
+        // Short addresses have few digits.
+        assert_eq!(
+            mask_pii("host 10.0.0.1 is down").unwrap().0,
+            "host <IP_ADDRESS> is down"
+        );
     }
 
     proptest! {
@@ -1059,6 +1100,23 @@ mod tests {
             let cfg = QualityConfig { languages: vec!["eng".into()], ..Default::default() };
             let _ = fired(&text, &cfg);
             let _ = mask_pii(&text);
+        }
+
+        /// The byte scans before the patterns never skip a text a pattern matches.
+        #[test]
+        fn the_pii_scans_are_necessary_conditions(text in "[0-9.@ a-z\\-\t()+]{0,60}") {
+            let b = text.as_bytes();
+            prop_assert!(may_hold_email(b) || !EMAIL.is_match(&text));
+            prop_assert!(may_hold_ipv4(b) || !IPV4.is_match(&text));
+            prop_assert!(may_hold_phone(b) || !PHONE.is_match(&text));
+        }
+
+        #[test]
+        fn lorem_search_equals_lowercase_contains(text in "[lLoOrReEmM iIpPsSuUK\u{212A}]{0,40}") {
+            prop_assert_eq!(
+                contains_ignore_ascii_case(&text, b"lorem ipsum"),
+                text.to_lowercase().contains("lorem ipsum")
+            );
         }
 
         #[test]

@@ -10,6 +10,7 @@
 //! - `r` and `s` must be non-zero scalars below the order.
 
 use ledgerflow_schemas::contribution::{keccak256, Contribution, SigningDomain};
+use ledgerflow_schemas::hex0x;
 use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
 use secp256k1::Message;
 
@@ -47,7 +48,11 @@ pub fn parse_signature_hex(s: &str) -> Result<[u8; 65], SignatureError> {
         )));
     }
     let mut out = [0u8; 65];
-    hex::decode_to_slice(digits, &mut out).map_err(|e| SignatureError::Encoding(e.to_string()))?;
+    if !hex0x::decode_into(digits.as_bytes(), &mut out) {
+        // The slow decoder, for the message naming the bad digit.
+        hex::decode_to_slice(digits, &mut out)
+            .map_err(|e| SignatureError::Encoding(e.to_string()))?;
+    }
     Ok(out)
 }
 
