@@ -776,6 +776,9 @@ static PHONE: LazyLock<Regex> = LazyLock::new(|| {
     .expect("regex")
 });
 
+/// A pattern, its placeholder and a byte scan every text it matches passes.
+type PiiPattern = (&'static Regex, &'static str, fn(&[u8]) -> bool);
+
 /// Necessary for [`EMAIL`]: an `@`.
 fn may_hold_email(b: &[u8]) -> bool {
     memchr::memchr(b'@', b).is_some()
@@ -813,7 +816,7 @@ fn may_hold_phone(b: &[u8]) -> bool {
 pub fn mask_pii(text: &str) -> Option<(String, [(&'static str, u64); 3])> {
     let mut counts = [("email", 0u64), ("ip", 0), ("phone", 0)];
     let mut out = std::borrow::Cow::Borrowed(text);
-    let patterns: [(&Regex, &str, fn(&[u8]) -> bool); 3] = [
+    let patterns: [PiiPattern; 3] = [
         (&EMAIL, "<EMAIL>", may_hold_email),
         (&IPV4, "<IP_ADDRESS>", may_hold_ipv4),
         (&PHONE, "<PHONE>", may_hold_phone),
