@@ -6,9 +6,10 @@
 //! B-tree keyed by band key, each lands on a random leaf: at 200,000 documents that was the
 //! largest single cost of a flush. Here a flush sorts its pending entries and appends them as a
 //! new run of fixed-size blocks (128 entries, 2 KiB) under increasing keys `(run, block)`: a
-//! sequential write. Runs are merged pairwise, newest first, while the newer holds at least half
-//! as many entries as the one before it, so run sizes fall geometrically and a lookup searches
-//! at most ~log₂(entries) runs; each entry is rewritten about that many times over its life.
+//! sequential write. Runs are merged pairwise, newest first, while the newer holds at least as
+//! many entries as the one before it (a binary counter), so run sizes fall and a lookup searches
+//! at most ~log₂(entries / smallest run) runs; each entry is rewritten about that many times over
+//! its life.
 //!
 //! A lookup reads one block per run: the first key of every block is kept in memory (8 bytes
 //! per 128 entries), so the block that may hold a key is found without reading the disk. Most
@@ -338,7 +339,7 @@ impl BandRuns {
 
 impl RunWriter {
     /// Appends `sorted` (sorted by key, then id) as a new run, then merges the newest runs
-    /// while the newer one holds at least half as many entries as the one before it.
+    /// while the newer one holds at least as many entries as the one before it.
     pub fn append(
         &mut self,
         txn: &redb::WriteTransaction,
@@ -351,7 +352,7 @@ impl RunWriter {
         self.next_id += 1;
         self.runs.push(Arc::new(run));
         while let [.., older, newer] = self.runs.as_slice() {
-            if newer.entries * 2 < older.entries {
+            if newer.entries < older.entries {
                 break;
             }
             let merged = self.tables.merge(txn, self.next_id, older, newer)?;
@@ -467,8 +468,8 @@ mod tests {
             runs.release();
             let sizes: Vec<u64> = runs.live.iter().map(|r| r.entries).collect();
             assert!(
-                sizes.windows(2).all(|w| w[1] * 2 < w[0]),
-                "flush {flush}: run sizes {sizes:?} not geometric"
+                sizes.windows(2).all(|w| w[1] < w[0]),
+                "flush {flush}: run sizes {sizes:?} not decreasing"
             );
             let rtxn = db.begin_read().unwrap();
             let disk = tables.reader(&rtxn, runs.live()).unwrap();

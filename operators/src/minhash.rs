@@ -18,23 +18,26 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 
 /// NFC, lowercase, whitespace collapsed, trimmed.
 pub fn normalize(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut pending_space = false;
     if text.is_ascii() {
-        // ASCII is already NFC and lowercases byte by byte.
-        for b in text.bytes() {
-            if (b as char).is_whitespace() {
+        // ASCII is already NFC and lowercases byte by byte; its whitespace (as `char`) is
+        // tab, line feed, vertical tab, form feed, carriage return and space.
+        let mut out = Vec::with_capacity(text.len());
+        let mut pending_space = false;
+        for &b in text.as_bytes() {
+            if matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ') {
                 pending_space = !out.is_empty();
             } else {
                 if pending_space {
-                    out.push(' ');
+                    out.push(b' ');
                     pending_space = false;
                 }
-                out.push(b.to_ascii_lowercase() as char);
+                out.push(b.to_ascii_lowercase());
             }
         }
-        return out;
+        return String::from_utf8(out).expect("ASCII in, ASCII out");
     }
+    let mut out = String::with_capacity(text.len());
+    let mut pending_space = false;
     for c in text.nfc().flat_map(char::to_lowercase) {
         if c.is_whitespace() {
             pending_space = !out.is_empty();
