@@ -16,15 +16,17 @@
 //! lookups never get here: the stage's Bloom filter of band keys answers "absent" first.
 //!
 //! Runs live in the job's state store (redb), written in the flush's transaction, so they are
-//! exactly as durable and as consistent with the other tables as before. The list of runs a
-//! decision sees changes only when a flush releases its frozen layer (under the state's
-//! exclusive gate, see [`crate::state`]): until then decisions read the frozen layer from memory
-//! and the previous runs from their own read transaction.
+//! exactly as durable and as consistent with the other tables as before. A decision takes the
+//! list of runs from its own read transaction (a table of a few small keys; each run's block
+//! index is cached by id), so the runs it searches are those of its snapshot even when a flush
+//! commits a merge meanwhile; entries not yet on disk it finds in the pending layers
+//! ([`crate::state`]).
 //!
 //! Entries of forgotten documents are not removed: a candidate whose document record is gone is
 //! skipped, and such entries are few (texts refused after this stage).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use redb::{ReadableTable, TableDefinition};
 
@@ -32,7 +34,8 @@ use redb::{ReadableTable, TableDefinition};
 const BLOCK: usize = 128;
 const ENTRY: usize = 16;
 
-/// One sorted run: its id, size and the first key of each block.
+/// One sorted run: its id, size and the first key of each block. Immutable once written (ids
+/// are never reused), so it is cached by id.
 #[derive(Debug)]
 pub struct Run {
     id: u64,
@@ -40,46 +43,35 @@ pub struct Run {
     firsts: Vec<u64>,
 }
 
-impl Run {
-    fn encode_meta(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(8 + 8 * self.firsts.len());
-        v.extend_from_slice(&self.entries.to_le_bytes());
-        for f in &self.firsts {
-            v.extend_from_slice(&f.to_le_bytes());
-        }
-        v
-    }
-
-    fn decode_meta(id: u64, v: &[u8]) -> Option<Self> {
-        if v.len() < 8 || v.len() & 7 != 0 {
-            return None;
-        }
-        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        Some(Self {
-            id,
-            entries: word(&v[..8]),
-            firsts: v[8..].chunks_exact(8).map(word).collect(),
-        })
-    }
+fn encode_firsts(firsts: &[u64]) -> Vec<u8> {
+    firsts.iter().flat_map(|f| f.to_le_bytes()).collect()
 }
 
-/// Names of the two tables of one stage's index.
+fn word(c: &[u8]) -> u64 {
+    u64::from_le_bytes(c.try_into().expect("8 bytes"))
+}
+
+/// Names of the tables of one stage's index.
 #[derive(Debug, Clone)]
 pub struct RunTables {
     /// (run, block) → block of entries.
     blocks: String,
-    /// run → entry count ‖ first key of each block.
+    /// run → entry count: the runs of the index as of a transaction.
     runs: String,
+    /// run → first key of each block.
+    firsts: String,
 }
 
 type BlocksDef<'a> = TableDefinition<'a, (u64, u32), &'static [u8]>;
-type RunsDef<'a> = TableDefinition<'a, u64, &'static [u8]>;
+type RunsDef<'a> = TableDefinition<'a, u64, u64>;
+type FirstsDef<'a> = TableDefinition<'a, u64, &'static [u8]>;
 
 impl RunTables {
     pub fn new(prefix: &str) -> Self {
         Self {
             blocks: format!("{prefix}/band_blocks"),
             runs: format!("{prefix}/band_runs"),
+            firsts: format!("{prefix}/band_firsts"),
         }
     }
     fn blocks_def(&self) -> BlocksDef<'_> {
@@ -88,26 +80,21 @@ impl RunTables {
     fn runs_def(&self) -> RunsDef<'_> {
         TableDefinition::new(&self.runs)
     }
+    fn firsts_def(&self) -> FirstsDef<'_> {
+        TableDefinition::new(&self.firsts)
+    }
 
-    /// Creates the tables if needed, moves the entries of a `legacy` B-tree index (`(band key,
-    /// doc id) → ()`, the layout before runs) into a run and drops it, and loads the runs.
+    /// Creates the tables if needed and moves the entries of a `legacy` B-tree index (`(band
+    /// key, doc id) → ()`, the layout before runs) into a run, dropping it.
     pub fn open(&self, db: &redb::Database, legacy: &str) -> Result<BandRuns, redb::Error> {
+        let runs = BandRuns {
+            tables: self.clone(),
+            cache: Mutex::new(HashMap::new()),
+        };
         let txn = db.begin_write()?;
-        let mut next_id = 0;
-        let mut live = Vec::new();
-        {
-            let runs = txn.open_table(self.runs_def())?;
-            txn.open_table(self.blocks_def())?;
-            for entry in runs.iter()? {
-                let (id, meta) = entry?;
-                let id = id.value();
-                let run = Run::decode_meta(id, meta.value()).ok_or_else(|| {
-                    redb::Error::Corrupted(format!("band run {id}: bad metadata"))
-                })?;
-                next_id = next_id.max(id + 1);
-                live.push(Arc::new(run));
-            }
-        }
+        txn.open_table(self.runs_def())?;
+        txn.open_table(self.firsts_def())?;
+        txn.open_table(self.blocks_def())?;
         let legacy_def: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new(legacy);
         let old: Vec<(u64, u64)> = match txn.open_table(legacy_def) {
             Ok(t) => t
@@ -117,20 +104,12 @@ impl RunTables {
             Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
             Err(e) => return Err(e.into()),
         };
-        let migrated = !old.is_empty();
-        if migrated {
-            // Runs are searched oldest first only for speed; order does not matter for results.
-            live.push(Arc::new(self.write_run(&txn, next_id, &old)?));
-            next_id += 1;
+        if !old.is_empty() {
+            runs.append(&txn, &old)?;
         }
-        let _ = txn.delete_table(legacy_def)?;
+        txn.delete_table(legacy_def)?;
         txn.commit()?;
-        Ok(BandRuns {
-            live,
-            staged: None,
-            next_id,
-            tables: self.clone(),
-        })
+        Ok(runs)
     }
 
     fn write_run(
@@ -156,13 +135,20 @@ impl RunTables {
             entries: sorted.len() as u64,
             firsts,
         };
-        txn.open_table(self.runs_def())?
-            .insert(id, run.encode_meta().as_slice())?;
+        self.record(txn, &run)?;
         Ok(run)
     }
 
+    fn record(&self, txn: &redb::WriteTransaction, run: &Run) -> Result<(), redb::Error> {
+        txn.open_table(self.runs_def())?
+            .insert(run.id, run.entries)?;
+        txn.open_table(self.firsts_def())?
+            .insert(run.id, encode_firsts(&run.firsts).as_slice())?;
+        Ok(())
+    }
+
     /// Merges runs `a` and `b` (by blocks, never holding either whole) into run `id`, and
-    /// deletes them.
+    /// deletes them (readers of earlier transactions still see them: redb's snapshots).
     fn merge(
         &self,
         txn: &redb::WriteTransaction,
@@ -212,28 +198,21 @@ impl RunTables {
                 blocks.remove((run.id, block))?;
             }
         }
+        drop(blocks);
         let mut runs = txn.open_table(self.runs_def())?;
-        runs.remove(a.id)?;
-        runs.remove(b.id)?;
+        let mut all_firsts = txn.open_table(self.firsts_def())?;
+        for run in [a, b] {
+            runs.remove(run.id)?;
+            all_firsts.remove(run.id)?;
+        }
+        drop((runs, all_firsts));
         let run = Run {
             id,
             entries,
             firsts,
         };
-        runs.insert(id, run.encode_meta().as_slice())?;
+        self.record(txn, &run)?;
         Ok(run)
-    }
-
-    /// The on-disk index as seen by `txn` and the runs `runs` (those live for the decision).
-    pub fn reader(
-        &self,
-        txn: &redb::ReadTransaction,
-        runs: Vec<Arc<Run>>,
-    ) -> Result<DiskBands, redb::Error> {
-        Ok(DiskBands {
-            blocks: txn.open_table(self.blocks_def())?,
-            runs,
-        })
     }
 }
 
@@ -281,84 +260,98 @@ impl<'r> Cursor<'r> {
 }
 
 fn decode_block(bytes: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
-    bytes.chunks_exact(ENTRY).map(|e| {
-        (
-            u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
-            u64::from_le_bytes(e[8..].try_into().expect("8 bytes")),
-        )
-    })
+    bytes
+        .chunks_exact(ENTRY)
+        .map(|e| (word(&e[..8]), word(&e[8..])))
 }
 
-/// The runs of one stage: those decisions see, and those a flush has written but not released.
+/// One stage's index: its tables and the runs read so far, by id. Which runs make up the index
+/// is always read from the transaction at hand (a few small keys), so a reader and the runs it
+/// searches come from the same snapshot, whatever flushes commit meanwhile.
 pub struct BandRuns {
-    live: Vec<Arc<Run>>,
-    staged: Option<(Vec<Arc<Run>>, u64)>,
-    next_id: u64,
     tables: RunTables,
-}
-
-/// What a flush needs to write the next runs, taken from [`BandRuns`] without holding it.
-pub struct RunWriter {
-    runs: Vec<Arc<Run>>,
-    next_id: u64,
-    tables: RunTables,
+    cache: Mutex<HashMap<u64, Arc<Run>>>,
 }
 
 impl BandRuns {
-    /// The runs a decision reads (stable while the decision holds the state's gate).
-    pub fn live(&self) -> Vec<Arc<Run>> {
-        self.live.clone()
-    }
-
-    /// Entries over the live runs.
-    pub fn entries(&self) -> u64 {
-        self.live.iter().map(|r| r.entries).sum()
-    }
-
-    pub fn writer(&self) -> RunWriter {
-        RunWriter {
-            runs: self.live.clone(),
-            next_id: self.next_id,
-            tables: self.tables.clone(),
+    /// The runs as of `runs` (oldest first: ids grow with age), from the cache or `firsts`.
+    fn runs_of(
+        &self,
+        runs: &impl ReadableTable<u64, u64>,
+        firsts: &impl ReadableTable<u64, &'static [u8]>,
+    ) -> Result<Vec<Arc<Run>>, redb::Error> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for entry in runs.iter()? {
+            let (id, entries) = entry?;
+            let (id, entries) = (id.value(), entries.value());
+            if let Some(run) = cache.get(&id) {
+                out.push(run.clone());
+                continue;
+            }
+            let bytes = firsts.get(id)?.ok_or_else(|| {
+                redb::Error::Corrupted(format!("band run {id} has no block index"))
+            })?;
+            let run = Arc::new(Run {
+                id,
+                entries,
+                firsts: bytes.value().chunks_exact(8).map(word).collect(),
+            });
+            cache.insert(id, run.clone());
+            out.push(run);
         }
+        Ok(out)
     }
 
-    /// A flush has written `w`'s runs (not yet committed).
-    pub fn stage(&mut self, w: RunWriter) {
-        self.staged = Some((w.runs, w.next_id));
+    /// The index as `txn` sees it.
+    pub fn reader(&self, txn: &redb::ReadTransaction) -> Result<DiskBands, redb::Error> {
+        let runs = txn.open_table(self.tables.runs_def())?;
+        let firsts = txn.open_table(self.tables.firsts_def())?;
+        Ok(DiskBands {
+            blocks: txn.open_table(self.tables.blocks_def())?,
+            runs: self.runs_of(&runs, &firsts)?,
+        })
     }
 
-    /// The flush that staged runs has committed: decisions see them from now on.
-    pub fn release(&mut self) {
-        if let Some((runs, next_id)) = self.staged.take() {
-            self.live = runs;
-            self.next_id = next_id;
-        }
-    }
-}
-
-impl RunWriter {
-    /// Appends `sorted` (sorted by key, then id) as a new run, then merges the newest runs
-    /// while the newer one holds at least as many entries as the one before it.
+    /// Appends `sorted` (sorted by key, then id) to the index in `txn` as a new run, then
+    /// merges the newest runs while the newer one holds at least as many entries as the one
+    /// before it.
     pub fn append(
-        &mut self,
+        &self,
         txn: &redb::WriteTransaction,
         sorted: &[(u64, u64)],
     ) -> Result<(), redb::Error> {
         if sorted.is_empty() {
             return Ok(());
         }
-        let run = self.tables.write_run(txn, self.next_id, sorted)?;
-        self.next_id += 1;
-        self.runs.push(Arc::new(run));
-        while let [.., older, newer] = self.runs.as_slice() {
+        let mut runs = {
+            let runs = txn.open_table(self.tables.runs_def())?;
+            let firsts = txn.open_table(self.tables.firsts_def())?;
+            self.runs_of(&runs, &firsts)?
+        };
+        let mut next_id = runs.last().map_or(0, |r| r.id + 1);
+        let run = self.tables.write_run(txn, next_id, sorted)?;
+        next_id += 1;
+        runs.push(Arc::new(run));
+        let mut merged_away = Vec::new();
+        while let [.., older, newer] = runs.as_slice() {
             if newer.entries < older.entries {
                 break;
             }
-            let merged = self.tables.merge(txn, self.next_id, older, newer)?;
-            self.next_id += 1;
-            self.runs.truncate(self.runs.len() - 2);
-            self.runs.push(Arc::new(merged));
+            let merged = self.tables.merge(txn, next_id, older, newer)?;
+            next_id += 1;
+            merged_away.extend([older.id, newer.id]);
+            runs.truncate(runs.len() - 2);
+            runs.push(Arc::new(merged));
+        }
+        // Readers of older snapshots that still need the runs merged away read their block
+        // index back from their snapshot.
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        for id in merged_away {
+            cache.remove(&id);
+        }
+        if let Some(run) = runs.last() {
+            cache.insert(run.id, run.clone());
         }
         Ok(())
     }
@@ -371,6 +364,11 @@ pub struct DiskBands {
 }
 
 impl DiskBands {
+    /// Entries over all runs.
+    pub fn entries(&self) -> u64 {
+        self.runs.iter().map(|r| r.entries).sum()
+    }
+
     /// Calls `found` with the id of every entry of `key`.
     pub fn ids(&self, key: u64, mut found: impl FnMut(u64)) -> Result<(), redb::Error> {
         for run in &self.runs {
@@ -386,9 +384,7 @@ impl DiskBands {
                 };
                 let bytes = block.value();
                 let n = bytes.len() / ENTRY;
-                let key_at = |i: usize| {
-                    u64::from_le_bytes(bytes[i * ENTRY..i * ENTRY + 8].try_into().expect("8"))
-                };
+                let key_at = |i: usize| word(&bytes[i * ENTRY..i * ENTRY + 8]);
                 let mut lo = 0;
                 let mut hi = n;
                 while lo < hi {
@@ -402,7 +398,7 @@ impl DiskBands {
                 let mut i = lo;
                 while i < n && key_at(i) == key {
                     let at = i * ENTRY + 8;
-                    found(u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8")));
+                    found(word(&bytes[at..at + 8]));
                     i += 1;
                 }
                 // Only when the key runs to the end of this block can it go on in the next.
@@ -443,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = redb::Database::create(dir.path().join("s.redb")).unwrap();
         let tables = RunTables::new("near");
-        let mut runs = tables.open(&db, "near/band_index").unwrap();
+        let runs = tables.open(&db, "near/band_index").unwrap();
         let mut model: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         let hot = [7u64, 1 << 40, u64::MAX];
         let mut id = 0u64;
@@ -460,19 +456,25 @@ mod tests {
                 id += 1;
             }
             entries.sort_unstable();
+            // A reader of the snapshot before this flush keeps its runs through the merges.
+            let before = db.begin_read().unwrap();
             let txn = db.begin_write().unwrap();
-            let mut w = runs.writer();
-            w.append(&txn, &entries).unwrap();
-            runs.stage(w);
+            runs.append(&txn, &entries).unwrap();
             txn.commit().unwrap();
-            runs.release();
-            let sizes: Vec<u64> = runs.live.iter().map(|r| r.entries).collect();
+            let old = runs.reader(&before).unwrap();
+            let mut seen = 0;
+            old.each_key(|_| seen += 1).unwrap();
+            assert_eq!(seen, id - entries.len() as u64);
+            for (k, _) in entries.iter().step_by(97) {
+                old.ids(*k, |_| ()).unwrap();
+            }
+            let rtxn = db.begin_read().unwrap();
+            let disk = runs.reader(&rtxn).unwrap();
+            let sizes: Vec<u64> = disk.runs.iter().map(|r| r.entries).collect();
             assert!(
                 sizes.windows(2).all(|w| w[1] < w[0]),
                 "flush {flush}: run sizes {sizes:?} not decreasing"
             );
-            let rtxn = db.begin_read().unwrap();
-            let disk = tables.reader(&rtxn, runs.live()).unwrap();
             for (k, ids) in &model {
                 let mut got = Vec::new();
                 disk.ids(*k, |d| got.push(d)).unwrap();
@@ -492,7 +494,8 @@ mod tests {
         // Reopened: the same runs.
         drop(runs);
         let reopened = tables.open(&db, "near/band_index").unwrap();
-        assert_eq!(reopened.entries(), id);
+        let rtxn = db.begin_read().unwrap();
+        assert_eq!(reopened.reader(&rtxn).unwrap().entries(), id);
     }
 
     #[test]
@@ -510,13 +513,13 @@ mod tests {
         txn.commit().unwrap();
         let tables = RunTables::new("near");
         let runs = tables.open(&db, "near/band_index").unwrap();
-        assert_eq!(runs.entries(), 1000);
         let rtxn = db.begin_read().unwrap();
+        assert_eq!(runs.reader(&rtxn).unwrap().entries(), 1000);
         assert!(matches!(
             rtxn.open_table(legacy),
             Err(redb::TableError::TableDoesNotExist(_))
         ));
-        let disk = tables.reader(&rtxn, runs.live()).unwrap();
+        let disk = runs.reader(&rtxn).unwrap();
         let mut got = Vec::new();
         disk.ids(5, |d| got.push(d)).unwrap();
         assert_eq!(got, (0..1000).filter(|i| i % 37 == 5).collect::<Vec<_>>());

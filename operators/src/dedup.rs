@@ -497,8 +497,7 @@ pub struct NearState {
 
 struct NearTables {
     /// The band index: sorted runs ([`crate::band_runs`]).
-    bands: RunTables,
-    runs: Mutex<BandRuns>,
+    bands: BandRuns,
     docs: String,
     meta: String,
     pending: Mutex<Layered<NearPending>>,
@@ -650,10 +649,9 @@ impl Layered<NearPending> {
 }
 
 impl NearTables {
-    /// The band index as `txn` sees it, with the runs live now (call holding the gate).
+    /// The band index as `txn` sees it.
     fn disk_bands(&self, txn: &redb::ReadTransaction) -> Result<DiskBands, redb::Error> {
-        let runs = lock(&self.runs).live();
-        self.bands.reader(txn, runs)
+        self.bands.reader(txn)
     }
     fn docs_def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
         TableDefinition::new(&self.docs)
@@ -680,9 +678,7 @@ impl Flushable for NearTables {
             .flat_map(|(k, ids)| ids.iter().map(move |id| (*k, *id)))
             .collect();
         entries.sort_unstable();
-        let mut runs = lock(&self.runs).writer();
-        runs.append(txn, &entries)?;
-        lock(&self.runs).stage(runs);
+        self.bands.append(txn, &entries)?;
         let mut docs: Vec<_> = p.docs.iter().collect();
         docs.sort_unstable_by_key(|(id, _)| **id);
         let mut d = txn.open_table(self.docs_def())?;
@@ -699,7 +695,6 @@ impl Flushable for NearTables {
     }
 
     fn release(&self) -> Released {
-        lock(&self.runs).release();
         lock(&self.pending).release()
     }
 
@@ -731,14 +726,12 @@ impl StageFactory for NearStage {
                     path: db.path().display().to_string(),
                     detail: e.to_string(),
                 };
-                let bands = RunTables::new(stage);
                 // `{stage}/band_index` was the B-tree index of earlier versions.
-                let runs = bands
+                let bands = RunTables::new(stage)
                     .open(db.db(), &format!("{stage}/band_index"))
                     .map_err(db_err)?;
                 let tables = Arc::new(NearTables {
                     bands,
-                    runs: Mutex::new(runs),
                     docs: format!("{stage}/docs"),
                     meta: format!("{stage}/meta"),
                     pending: Mutex::new(Layered::default()),
@@ -749,8 +742,7 @@ impl StageFactory for NearStage {
                 *lock(&tables.filter) = (|| {
                     let txn = db.db().begin_read()?;
                     let disk = tables.disk_bands(&txn)?;
-                    let n = lock(&tables.runs).entries();
-                    BandFilter::build(2 * n, &disk, &Layered::default())
+                    BandFilter::build(2 * disk.entries(), &disk, &Layered::default())
                 })()
                 .map_err(db_err)?;
                 db.register(tables.clone());
@@ -1136,8 +1128,9 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(dir.path(), 1 << 20).unwrap();
-        let tables = RunTables::new("near");
-        let mut runs = tables.open(db.db(), "near/band_index").unwrap();
+        let runs = RunTables::new("near")
+            .open(db.db(), "near/band_index")
+            .unwrap();
         // Keys on disk, in a frozen layer and in the current one.
         let on_disk: Vec<u64> = (0..1000).map(|_| rng.gen()).collect();
         let mut entries: Vec<(u64, u64)> = on_disk
@@ -1147,11 +1140,8 @@ mod tests {
             .collect();
         entries.sort_unstable();
         let txn = db.db().begin_write().unwrap();
-        let mut w = runs.writer();
-        w.append(&txn, &entries).unwrap();
-        runs.stage(w);
+        runs.append(&txn, &entries).unwrap();
         txn.commit().unwrap();
-        runs.release();
         let mut pending = Layered::<NearPending>::default();
         let frozen: Vec<u64> = (0..1000).map(|_| rng.gen()).collect();
         for k in &frozen {
@@ -1163,7 +1153,7 @@ mod tests {
             pending.current.buckets.entry(*k).or_default().push(2);
         }
         let rtxn = db.db().begin_read().unwrap();
-        let disk = tables.reader(&rtxn, runs.live()).unwrap();
+        let disk = runs.reader(&rtxn).unwrap();
         let mut f = BandFilter::build(0, &disk, &Layered::default()).unwrap();
         assert!(on_disk.iter().all(|k| f.may_contain(*k)));
         for k in frozen.iter().chain(&current) {
