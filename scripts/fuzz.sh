@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of the verifiers and filters: cargo-fuzz (libFuzzer) on nightly Rust,
 # targets in fuzz/fuzz_targets (decode + signature check, quality rules + PII masking + MinHash,
-# signature recovery and parsers). A crash leaves its input in fuzz/artifacts/<target>/.
+# signature recovery and parsers, batch signature checks). A crash leaves its input in
+# fuzz/artifacts/<target>/.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET…]     default 60 s, every target
 #
