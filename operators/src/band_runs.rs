@@ -96,14 +96,12 @@ impl RunTables {
         txn.open_table(self.firsts_def())?;
         txn.open_table(self.blocks_def())?;
         let legacy_def: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new(legacy);
-        let old: Vec<(u64, u64)> = match txn.open_table(legacy_def) {
-            Ok(t) => t
-                .iter()?
-                .map(|e| e.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()?,
-            Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
+        // (A write transaction opens a missing table as an empty one.)
+        let old: Vec<(u64, u64)> = txn
+            .open_table(legacy_def)?
+            .iter()?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
         if !old.is_empty() {
             runs.append(&txn, &old)?;
         }

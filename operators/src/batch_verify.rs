@@ -38,7 +38,7 @@ use k256::elliptic_curve::PrimeField;
 use k256::{AffinePoint, EncodedPoint, FieldBytes, ProjectivePoint, Scalar, U256};
 use sha3::{Digest, Keccak256};
 
-use crate::signature::HALF_ORDER;
+use crate::signature::screen;
 
 /// Fewest signatures worth a multi-scalar multiplication: below this the buckets cost more than
 /// they save, and the caller recovers one by one.
@@ -175,18 +175,11 @@ fn settle(
 
 /// r, s and e as scalars and the point R, or `None` where recovery itself would refuse.
 fn parse(digest: &[u8; 32], sig: &[u8; 65]) -> Option<(Scalar, Scalar, Scalar, AffinePoint)> {
-    let odd = match sig[64] {
-        27 | 28 => sig[64] - 27,
-        v @ (0 | 1) => v,
-        _ => return None,
-    };
-    let s_bytes: &[u8; 32] = sig[32..64].try_into().expect("32 bytes");
-    if s_bytes > &HALF_ORDER {
-        return None;
-    }
+    let odd = screen(sig).ok()?;
+    let s_bytes: [u8; 32] = sig[32..64].try_into().expect("32 bytes");
     let r_bytes: FieldBytes = <[u8; 32]>::try_from(&sig[..32]).expect("32 bytes").into();
     let r: Scalar = Option::from(Scalar::from_repr(r_bytes))?;
-    let s: Scalar = Option::from(Scalar::from_repr((*s_bytes).into()))?;
+    let s: Scalar = Option::from(Scalar::from_repr(s_bytes.into()))?;
     if bool::from(r.is_zero()) || bool::from(s.is_zero()) {
         return None;
     }

@@ -649,10 +649,6 @@ impl Layered<NearPending> {
 }
 
 impl NearTables {
-    /// The band index as `txn` sees it.
-    fn disk_bands(&self, txn: &redb::ReadTransaction) -> Result<DiskBands, redb::Error> {
-        self.bands.reader(txn)
-    }
     fn docs_def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
         TableDefinition::new(&self.docs)
     }
@@ -741,7 +737,7 @@ impl StageFactory for NearStage {
                 db.ensure_table(tables.meta_def())?;
                 *lock(&tables.filter) = (|| {
                     let txn = db.db().begin_read()?;
-                    let disk = tables.disk_bands(&txn)?;
+                    let disk = tables.bands.reader(&txn)?;
                     BandFilter::build(2 * disk.entries(), &disk, &Layered::default())
                 })()
                 .map_err(db_err)?;
@@ -999,7 +995,7 @@ impl Operator for Near {
         let state = self.state.clone();
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
-        let disk = state.tables.disk_bands(&txn).map_err(|e| err(&e))?;
+        let disk = state.tables.bands.reader(&txn).map_err(|e| err(&e))?;
         let docs = txn
             .open_table(state.tables.docs_def())
             .map_err(|e| err(&e))?;
@@ -1080,7 +1076,7 @@ impl Operator for Near {
         let err = |e: &dyn std::fmt::Display| op_err(&ctx.stage, e);
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
-        let disk = state.tables.disk_bands(&txn).map_err(|e| err(&e))?;
+        let disk = state.tables.bands.reader(&txn).map_err(|e| err(&e))?;
         let docs = txn
             .open_table(state.tables.docs_def())
             .map_err(|e| err(&e))?;

@@ -15,7 +15,7 @@ use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
 use secp256k1::Message;
 
 /// Half the secp256k1 group order n, big-endian: the largest `s` a signature may carry.
-pub(crate) const HALF_ORDER: [u8; 32] = [
+const HALF_ORDER: [u8; 32] = [
     0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
     0x5d, 0x57, 0x6e, 0x73, 0x57, 0xa4, 0x50, 0x1d, 0xdf, 0xe9, 0x2f, 0x46, 0x68, 0x1b, 0x20, 0xa0,
 ];
@@ -63,11 +63,9 @@ pub fn recover_signer(digest: &[u8; 32], signature: &[u8; 65]) -> Result<[u8; 20
     )?))
 }
 
-/// The public key (uncompressed, `0x04 ‖ x ‖ y`) that signed `digest` with `signature`.
-pub fn recover_public_key(
-    digest: &[u8; 32],
-    signature: &[u8; 65],
-) -> Result<[u8; 65], SignatureError> {
+/// The rules checked before any curve arithmetic (`v`, low `s`); returns the recovery id (the
+/// y parity of R).
+pub(crate) fn screen(signature: &[u8; 65]) -> Result<u8, SignatureError> {
     let v = signature[64];
     let recid = match v {
         27 | 28 => v - 27,
@@ -78,7 +76,17 @@ pub fn recover_public_key(
     if s > &HALF_ORDER {
         return Err(SignatureError::HighS);
     }
-    let recid = RecoveryId::try_from(i32::from(recid)).map_err(|_| SignatureError::BadV(v))?;
+    Ok(recid)
+}
+
+/// The public key (uncompressed, `0x04 ‖ x ‖ y`) that signed `digest` with `signature`.
+pub fn recover_public_key(
+    digest: &[u8; 32],
+    signature: &[u8; 65],
+) -> Result<[u8; 65], SignatureError> {
+    let recid = screen(signature)?;
+    let recid =
+        RecoveryId::try_from(i32::from(recid)).map_err(|_| SignatureError::BadV(signature[64]))?;
     let sig = RecoverableSignature::from_compact(&signature[..64], recid)
         .map_err(|_| SignatureError::OutOfRange)?;
     // from_compact accepts r = 0 / s = 0 (overflowing values are reduced); libsecp256k1's

@@ -203,7 +203,7 @@ impl StateDb {
             return Ok(());
         }
         let writers = lock(&self.writers).clone();
-        let ticket = {
+        let (ticket, bytes) = {
             let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
             let ticket = self.tickets.fetch_add(1, SeqCst) + 1;
             // Nothing pending and nothing written since the last durable flush: nothing to do
@@ -220,7 +220,6 @@ impl StateDb {
             }
             (ticket, pending)
         };
-        let (ticket, bytes) = ticket;
         let started = std::time::Instant::now();
         let err = |e: redb::Error| StateError::db(&self.path, e);
         let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;

@@ -33,7 +33,9 @@ use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
 };
 use crate::rows::{contribution_passthrough, route, Rows};
-use crate::signature::{address_of_uncompressed, parse_signature_hex, recover_public_key};
+use crate::signature::{
+    address_of_uncompressed, parse_signature_hex, recover_public_key, SignatureCheckError,
+};
 use crate::state::{
     barrier, decide_rows, lock, op_err, Decision, Flushable, Journal, Layered, Pending, Released,
     Replay, SharedSlot, StateDb, StateError,
@@ -271,13 +273,21 @@ impl KnownKeys {
     /// Which rows are proven to be signed by their claimed contributor (see [`prove`]).
     fn prove(&self, prepared: &[Prepared]) -> Vec<bool> {
         let mut proven = vec![false; prepared.len()];
-        let known: Vec<(usize, Arc<KnownKey>)> = {
+        // (row, its signature, its signer's key) for the rows by known contributors.
+        type Known<'p> = (usize, [u8; 32], &'p [u8; 65], [u8; 20], Arc<KnownKey>);
+        let known: Vec<Known<'_>> = {
             let keys = lock(&self.keys);
             prepared
                 .iter()
                 .enumerate()
                 .filter_map(|(i, p)| match p {
-                    Prepared::Ready { claimed, .. } => keys.get(claimed).map(|k| (i, k.clone())),
+                    Prepared::Ready {
+                        claimed,
+                        digest,
+                        signature,
+                    } => keys
+                        .get(claimed)
+                        .map(|k| (i, *digest, signature, *claimed, k.clone())),
                     Prepared::Refused(_) => None,
                 })
                 .collect()
@@ -287,21 +297,14 @@ impl KnownKeys {
         }
         let claims: Vec<Claim<'_>> = known
             .iter()
-            .map(|(i, key)| match &prepared[*i] {
-                Prepared::Ready {
-                    claimed,
-                    digest,
-                    signature,
-                } => Claim {
-                    digest: *digest,
-                    signature,
-                    signer: *claimed,
-                    key,
-                },
-                Prepared::Refused(_) => unreachable!("only ready rows are known"),
+            .map(|(_, digest, signature, signer, key)| Claim {
+                digest: *digest,
+                signature,
+                signer: *signer,
+                key,
             })
             .collect();
-        for ((i, _), ok) in known.iter().zip(prove(&claims)) {
+        for ((i, ..), ok) in known.iter().zip(prove(&claims)) {
             proven[*i] = ok;
         }
         proven
@@ -368,25 +371,21 @@ impl Verify {
         signature: &[u8; 65],
         learnt: &mut Vec<([u8; 20], [u8; 65])>,
     ) -> SigOutcome {
-        match recover_public_key(digest, signature) {
+        let refused = match recover_public_key(digest, signature) {
             Ok(key) => {
                 let signer = address_of_uncompressed(&key);
                 if signer == *claimed {
                     learnt.push((signer, key));
-                    SigOutcome::Valid(signer)
-                } else {
-                    SigOutcome::Refused(Decision::reject(
-                        "signer_mismatch",
-                        format!(
-                            "signed by 0x{}, not by the contributor {}",
-                            hex::encode(signer),
-                            rows.contributor.value(i)
-                        ),
-                    ))
+                    return SigOutcome::Valid(signer);
                 }
+                SignatureCheckError::Mismatch { recovered: signer }
             }
-            Err(e) => SigOutcome::Refused(Decision::reject("bad_signature", e.to_string())),
-        }
+            Err(e) => SignatureCheckError::Bad(e),
+        };
+        SigOutcome::Refused(Decision::reject(
+            refused.reason(),
+            refused.detail(rows.contributor.value(i)),
+        ))
     }
 
     /// The signature outcome of every row: rows by contributors whose keys are known are
@@ -703,15 +702,8 @@ mod tests {
     #[test]
     fn known_contributors_are_checked_in_batches_with_the_same_decisions() {
         let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
-        let env = StageEnv {
-            state: Some(db),
-            ..Default::default()
-        };
-        let stage = VerifyStage::new(VerifyConfig {
-            clock_skew_seconds: 60,
-            rate_limit: None,
-        });
+        let env = env_at(dir.path());
+        let stage = stage_without_rate_limit();
         let t = 1_800_000_000u64;
         let ms = t as i64 * 1000;
         let mut op = stage.instantiate("verify", &env).unwrap();
@@ -759,22 +751,27 @@ mod tests {
         // A new partition's instance with no keys learnt decides the same rows the same way
         // (one by one), against a fresh state.
         let dir2 = tempfile::tempdir().unwrap();
-        let env2 = StageEnv {
-            state: Some(StateDb::open(dir2.path(), 1 << 20).unwrap()),
-            ..Default::default()
-        };
-        let mut cold = stage_fresh().instantiate("verify", &env2).unwrap();
+        let mut cold = stage_without_rate_limit()
+            .instantiate("verify", &env_at(dir2.path()))
+            .unwrap();
         assert_eq!(
             decide_counting(&mut cold, records(&msgs, 10)),
             (want.iter().map(|s| s.to_string()).collect(), 0)
         );
     }
 
-    fn stage_fresh() -> VerifyStage {
+    fn stage_without_rate_limit() -> VerifyStage {
         VerifyStage::new(VerifyConfig {
             clock_skew_seconds: 60,
             rate_limit: None,
         })
+    }
+
+    fn env_at(dir: &std::path::Path) -> StageEnv {
+        StageEnv {
+            state: Some(StateDb::open(dir, 1 << 20).unwrap()),
+            ..Default::default()
+        }
     }
 
     #[test]
