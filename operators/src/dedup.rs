@@ -30,6 +30,7 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::band_runs::{BandRuns, DiskBands, RunTables};
+use crate::filter::{self, key64, KeyFilter};
 use crate::minhash::{band_keys, estimate, exact_key, normalize, MinHasher};
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, Settled, StageEnv, StageFactory,
@@ -256,6 +257,8 @@ pub struct ExactState {
 
 struct ExactTables {
     keys: String,
+    /// Every key in `keys` or pending (locked after `pending`).
+    filter: Mutex<KeyFilter>,
     /// Changes since the last flush: `None` forgets a key (its text was refused downstream).
     pending: Mutex<Layered<HashMap<[u8; 16], Option<Original>>>>,
 }
@@ -267,6 +270,10 @@ impl ExactTables {
 }
 
 impl Flushable for ExactTables {
+    fn name(&self) -> &str {
+        &self.keys
+    }
+
     fn freeze(&self) {
         lock(&self.pending).freeze();
     }
@@ -318,11 +325,15 @@ impl StageFactory for ExactStage {
         let state = self
             .shared
             .get_or_init(db, || {
-                let tables = Arc::new(ExactTables {
+                let mut tables = ExactTables {
                     keys: format!("{stage}/keys"),
+                    filter: Mutex::new(KeyFilter::with_capacity(0)),
                     pending: Mutex::new(Layered::default()),
-                });
+                };
                 db.ensure_table(tables.def())?;
+                tables.filter =
+                    Mutex::new(filter::of_table(db.db(), tables.def()).map_err(|e| db.error(e))?);
+                let tables = Arc::new(tables);
                 db.register(tables.clone());
                 Ok(Arc::new(ExactState {
                     db: db.clone(),
@@ -370,6 +381,7 @@ impl Operator for Exact {
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
         let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
         let mut pending = lock(&state.tables.pending);
+        let mut filter = lock(&state.tables.filter);
         let flood = self.config.flood.as_ref();
         // Keys passed and not yet settled, this batch's included.
         let mut unsettled: HashSet<[u8; 16]> = self.unsettled.values().map(|(k, _)| *k).collect();
@@ -394,15 +406,17 @@ impl Operator for Exact {
                 }
                 let found = match pending.find(|p| p.get(key).cloned()) {
                     Some(o) => o,
-                    None => table
+                    None if filter.may_contain(key64(key)) => table
                         .get(key.as_slice())?
                         .and_then(|v| Original::decode(v.value())),
+                    None => None,
                 };
                 Ok(Some(match found {
                     None => {
                         pending
                             .current
                             .insert(*key, Some(Original::of_row(&rows, i)));
+                        filter.insert(key64(key));
                         unsettled.insert(*key);
                         Decision::Accept
                     }
@@ -417,6 +431,7 @@ impl Operator for Exact {
                 }))
             },
         )?;
+        drop(filter);
         drop(pending);
         drop(_deciding);
         let done = Decided {
@@ -501,92 +516,30 @@ struct NearTables {
     docs: String,
     meta: String,
     pending: Mutex<Layered<NearPending>>,
-    /// Every band key the index holds, on disk or pending (locked after `pending`).
-    filter: Mutex<BandFilter>,
+    /// Every band key the index holds, on disk or pending (locked after `pending`): most
+    /// documents are new, none of their band keys anywhere, and cost no disk lookup.
+    filter: Mutex<KeyFilter>,
 }
 
-/// A blocked Bloom filter of the band keys in the index: a key it has never seen costs no
-/// disk lookup, and most documents are new, none of their band keys anywhere. 16 bits and 7
-/// probes per key, all in one 64-byte block (one cache line): about 0.1 % false positives,
-/// which only cost the lookup. Band keys are already hashes. When it holds more keys than it
-/// was sized for it is rebuilt twice as large from the index; keys of forgotten documents stay
-/// (false positives).
-struct BandFilter {
-    blocks: Vec<[u64; 8]>,
+/// A filter of every band key in `disk` and in the pending layers, sized for `keys`.
+fn band_filter(
     keys: u64,
-    capacity: u64,
-}
-
-impl BandFilter {
-    const MIN_KEYS: u64 = 1 << 20;
-
-    fn with_capacity(keys: u64) -> Self {
-        let capacity = keys.max(Self::MIN_KEYS).next_power_of_two();
-        // 16 bits per key: a 512-bit block per 32 keys.
-        Self {
-            blocks: vec![[0u64; 8]; (capacity / 32) as usize],
-            keys: 0,
-            capacity,
+    disk: &DiskBands,
+    pending: &Layered<NearPending>,
+) -> Result<KeyFilter, redb::Error> {
+    let mut f = KeyFilter::with_capacity(keys);
+    disk.each_key(|k| f.insert(k))?;
+    for layer in pending
+        .frozen
+        .as_deref()
+        .into_iter()
+        .chain([&pending.current])
+    {
+        for k in layer.buckets.keys() {
+            f.insert(*k);
         }
     }
-
-    fn probes(&self, key: u64) -> (usize, u64) {
-        let block = ((key >> 32) * self.blocks.len() as u64) >> 32;
-        (block as usize, key.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-    }
-
-    fn insert(&mut self, key: u64) {
-        let (b, h) = self.probes(key);
-        let block = &mut self.blocks[b];
-        for i in 0..7 {
-            let bit = (h >> (9 * i)) & 511;
-            block[(bit >> 6) as usize] |= 1 << (bit & 63);
-        }
-        self.keys += 1;
-    }
-
-    fn may_contain(&self, key: u64) -> bool {
-        let (b, h) = self.probes(key);
-        let block = &self.blocks[b];
-        (0..7).all(|i| {
-            let bit = (h >> (9 * i)) & 511;
-            block[(bit >> 6) as usize] & (1 << (bit & 63)) != 0
-        })
-    }
-
-    /// Rebuilds the filter twice as large once it holds more keys than it was sized for, from
-    /// the index as seen by a decision (disk through `buckets`, and the pending layers).
-    fn grow_if_full(
-        &mut self,
-        disk: &DiskBands,
-        pending: &Layered<NearPending>,
-    ) -> Result<(), redb::Error> {
-        if self.keys > self.capacity {
-            *self = Self::build(2 * self.keys, disk, pending)?;
-        }
-        Ok(())
-    }
-
-    /// A filter of every band key in `buckets` and in the pending layers, sized for `keys`.
-    fn build(
-        keys: u64,
-        disk: &DiskBands,
-        pending: &Layered<NearPending>,
-    ) -> Result<Self, redb::Error> {
-        let mut f = Self::with_capacity(keys);
-        disk.each_key(|k| f.insert(k))?;
-        for layer in pending
-            .frozen
-            .as_deref()
-            .into_iter()
-            .chain([&pending.current])
-        {
-            for k in layer.buckets.keys() {
-                f.insert(*k);
-            }
-        }
-        Ok(f)
-    }
+    Ok(f)
 }
 
 #[derive(Default)]
@@ -628,7 +581,7 @@ impl Layered<NearPending> {
         &self,
         keys: &[u64],
         disk: &DiskBands,
-        filter: &BandFilter,
+        filter: &KeyFilter,
     ) -> Result<BTreeSet<u64>, redb::Error> {
         let mut candidates = BTreeSet::new();
         for k in keys {
@@ -658,6 +611,10 @@ impl NearTables {
 }
 
 impl Flushable for NearTables {
+    fn name(&self) -> &str {
+        &self.docs
+    }
+
     fn freeze(&self) {
         lock(&self.pending).freeze();
     }
@@ -718,10 +675,7 @@ impl StageFactory for NearStage {
         let state = self
             .shared
             .get_or_init(db, || {
-                let db_err = |e: redb::Error| StateError::Db {
-                    path: db.path().display().to_string(),
-                    detail: e.to_string(),
-                };
+                let db_err = |e: redb::Error| db.error(e);
                 // `{stage}/band_index` was the B-tree index of earlier versions.
                 let bands = RunTables::new(stage)
                     .open(db.db(), &format!("{stage}/band_index"))
@@ -731,14 +685,14 @@ impl StageFactory for NearStage {
                     docs: format!("{stage}/docs"),
                     meta: format!("{stage}/meta"),
                     pending: Mutex::new(Layered::default()),
-                    filter: Mutex::new(BandFilter::with_capacity(0)),
+                    filter: Mutex::new(KeyFilter::with_capacity(0)),
                 });
                 db.ensure_table(tables.docs_def())?;
                 db.ensure_table(tables.meta_def())?;
                 *lock(&tables.filter) = (|| {
                     let txn = db.db().begin_read()?;
                     let disk = tables.bands.reader(&txn)?;
-                    BandFilter::build(2 * disk.entries(), &disk, &Layered::default())
+                    band_filter(2 * disk.entries(), &disk, &Layered::default())
                 })()
                 .map_err(db_err)?;
                 db.register(tables.clone());
@@ -848,7 +802,6 @@ impl Near {
             }
             return Ok(Some(d));
         }
-        filter.grow_if_full(disk, pending)?;
         let pending = &mut pending.current;
         let id = pending.next_id.unwrap_or(next_from_disk);
         pending.next_id = Some(id + 1);
@@ -1119,7 +1072,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_band_filter_keeps_every_key_through_growth_and_rarely_errs() {
+    fn the_band_filter_holds_the_keys_on_disk_and_in_both_layers() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
         let dir = tempfile::tempdir().unwrap();
@@ -1144,20 +1097,14 @@ mod tests {
             pending.current.buckets.entry(*k).or_default().push(1);
         }
         pending.freeze();
-        let current: Vec<u64> = (0..BandFilter::MIN_KEYS).map(|_| rng.gen()).collect();
+        let current: Vec<u64> = (0..1000).map(|_| rng.gen()).collect();
         for k in &current {
             pending.current.buckets.entry(*k).or_default().push(2);
         }
         let rtxn = db.db().begin_read().unwrap();
         let disk = runs.reader(&rtxn).unwrap();
-        let mut f = BandFilter::build(0, &disk, &Layered::default()).unwrap();
-        assert!(on_disk.iter().all(|k| f.may_contain(*k)));
-        for k in frozen.iter().chain(&current) {
-            f.insert(*k);
-        }
-        assert!(f.keys > f.capacity);
-        f.grow_if_full(&disk, &pending).unwrap();
-        assert_eq!(f.capacity, 4 * BandFilter::MIN_KEYS);
+        let f = band_filter(0, &disk, &pending).unwrap();
+        assert_eq!(f.keys(), 3000);
         assert!(on_disk
             .iter()
             .chain(&frozen)

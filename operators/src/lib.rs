@@ -14,6 +14,7 @@ pub mod band_runs;
 pub mod batch_verify;
 pub mod decode;
 pub mod dedup;
+pub mod filter;
 pub mod metrics;
 pub mod minhash;
 pub mod operator;

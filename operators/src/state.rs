@@ -92,6 +92,8 @@ pub trait Flushable: Send + Sync {
     fn release(&self) -> Released;
     /// Bytes of pending changes held in memory, not counting those set aside (approximate).
     fn pending_bytes(&self) -> usize;
+    /// What it is, for the log line of a flush.
+    fn name(&self) -> &str;
 }
 
 /// What [`Flushable::release`] lets go, dropped outside the gate.
@@ -229,10 +231,15 @@ impl StateDb {
             Durability::None
         })
         .map_err(|e| StateError::db(&self.path, e))?;
+        let mut spent = Vec::with_capacity(writers.len() + 1);
         for w in &writers {
+            let t = std::time::Instant::now();
             w.write_frozen(&txn).map_err(err)?;
+            spent.push(format!("{} {:.3}", w.name(), t.elapsed().as_secs_f64()));
         }
+        let t = std::time::Instant::now();
         txn.commit().map_err(|e| err(e.into()))?;
+        spent.push(format!("commit {:.3}", t.elapsed().as_secs_f64()));
         let released: Vec<Released> = {
             let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
             writers.iter().map(|w| w.release()).collect()
@@ -246,6 +253,7 @@ impl StateDb {
             durable,
             bytes,
             seconds = started.elapsed().as_secs_f64(),
+            spent = spent.join(", "),
             "state written"
         );
         Ok(())
@@ -269,6 +277,11 @@ impl StateDb {
     /// Pending in-memory bytes over all writers.
     pub fn pending_bytes(&self) -> usize {
         lock(&self.writers).iter().map(|w| w.pending_bytes()).sum()
+    }
+
+    /// An error of this store.
+    pub fn error(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::db(&self.path, e)
     }
 
     /// Bytes of the state file on disk.
@@ -463,6 +476,10 @@ impl Journal {
 }
 
 impl Flushable for Journal {
+    fn name(&self) -> &str {
+        &self.table
+    }
+
     fn freeze(&self) {
         lock(&self.pending).freeze();
     }
@@ -592,6 +609,10 @@ mod tests {
     }
 
     impl Flushable for Probe {
+        fn name(&self) -> &str {
+            "probe"
+        }
+
         fn freeze(&self) {
             lock(&self.layers).freeze();
         }

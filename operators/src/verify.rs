@@ -28,6 +28,7 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::batch_verify::{prove, Claim, KnownKey, MIN_BATCH};
+use crate::filter::{self, key64, KeyFilter};
 use crate::metrics::SIGNATURES;
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
@@ -125,6 +126,9 @@ pub struct VerifyState {
 
 struct VerifyTables {
     nonces: String,
+    /// Every key in `nonces` or pending (locked after `pending`): a fresh nonce, the usual
+    /// case, costs no disk lookup.
+    filter: Mutex<KeyFilter>,
     counts: String,
     pending: Mutex<Layered<VerifyPending>>,
 }
@@ -158,6 +162,10 @@ impl VerifyTables {
 }
 
 impl Flushable for VerifyTables {
+    fn name(&self) -> &str {
+        &self.nonces
+    }
+
     fn freeze(&self) {
         lock(&self.pending).freeze();
     }
@@ -212,13 +220,17 @@ fn nonce_key(datanet: &str, contributor: &[u8; 20], nonce: u64) -> [u8; 16] {
 
 impl VerifyState {
     fn open(db: &Arc<StateDb>, stage: &str) -> Result<Arc<Self>, StateError> {
-        let tables = Arc::new(VerifyTables {
+        let mut tables = VerifyTables {
             nonces: format!("{stage}/nonces"),
+            filter: Mutex::new(KeyFilter::with_capacity(0)),
             counts: format!("{stage}/window_counts"),
             pending: Mutex::new(Layered::default()),
-        });
+        };
         db.ensure_table(tables.nonces_def())?;
         db.ensure_table(tables.counts_def())?;
+        tables.filter =
+            Mutex::new(filter::of_table(db.db(), tables.nonces_def()).map_err(|e| db.error(e))?);
+        let tables = Arc::new(tables);
         db.register(tables.clone());
         Ok(Arc::new(Self {
             db: db.clone(),
@@ -431,6 +443,7 @@ impl Verify {
         signer: &[u8; 20],
         read: &ReadTables<'_>,
         pending: &mut Layered<VerifyPending>,
+        filter: &mut KeyFilter,
     ) -> Result<Decision, redb::Error> {
         let ts_s = rows.timestamp.value(i).max(0) as u64 / 1000;
         let skew = self.config.clock_skew_seconds;
@@ -451,7 +464,8 @@ impl Verify {
         let key = nonce_key(rows.datanet.value(i), signer, nonce);
         let first = match pending.find(|p| p.nonces.get(&key).copied()) {
             Some(h) => Some(h),
-            None => read.nonce(&key)?,
+            None if filter.may_contain(key64(&key)) => read.nonce(&key)?,
+            None => None,
         };
         if let Some(first) = first {
             return Ok(Decision::Reject {
@@ -489,6 +503,7 @@ impl Verify {
         let content_hash =
             hex0x::decode_fixed::<32>(rows.content_hash.value(i)).unwrap_or([0u8; 32]);
         pending.current.nonces.insert(key, content_hash);
+        filter.insert(key64(&key));
         Ok(Decision::Accept)
     }
 }
@@ -537,6 +552,7 @@ impl Operator for Verify {
             _txn: &txn,
         };
         let mut pending = lock(&state.tables.pending);
+        let mut filter = lock(&state.tables.filter);
         let mut replay = std::mem::take(&mut self.replay);
         let decisions = decide_rows(
             &state.db,
@@ -547,13 +563,14 @@ impl Operator for Verify {
             |i, replayed| match &sigs[i] {
                 _ if replayed.is_some() => Ok(replayed),
                 SigOutcome::Refused(d) => Ok(Some(d.clone())),
-                SigOutcome::Valid(signer) => {
-                    self.decide(&rows, i, signer, &read, &mut pending).map(Some)
-                }
+                SigOutcome::Valid(signer) => self
+                    .decide(&rows, i, signer, &read, &mut pending, &mut filter)
+                    .map(Some),
             },
         );
         self.replay = replay;
         let decisions = decisions?;
+        drop(filter);
         drop(pending);
         drop(_deciding);
         state.db.relieve_memory().map_err(|e| err(&e))?;
