@@ -30,7 +30,8 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::band_runs::{BandRuns, DiskBands, RunTables};
-use crate::filter::{self, key64, KeyFilter};
+use crate::filter::{key64, KeyFilter};
+use crate::key_runs::KeyRuns;
 use crate::minhash::{band_keys, estimate, exact_key, normalize, MinHasher};
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, Settled, StageEnv, StageFactory,
@@ -256,22 +257,18 @@ pub struct ExactState {
 }
 
 struct ExactTables {
-    keys: String,
+    /// key → the accepted original ([`Original`], encoded), as sorted runs.
+    keys: KeyRuns,
+    name: String,
     /// Every key in `keys` or pending (locked after `pending`).
     filter: Mutex<KeyFilter>,
     /// Changes since the last flush: `None` forgets a key (its text was refused downstream).
     pending: Mutex<Layered<HashMap<[u8; 16], Option<Original>>>>,
 }
 
-impl ExactTables {
-    fn def(&self) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
-        TableDefinition::new(&self.keys)
-    }
-}
-
 impl Flushable for ExactTables {
     fn name(&self) -> &str {
-        &self.keys
+        &self.name
     }
 
     fn freeze(&self) {
@@ -282,24 +279,19 @@ impl Flushable for ExactTables {
         let Some(frozen) = lock(&self.pending).frozen() else {
             return Ok(());
         };
-        // In key order: neighbouring inserts land on the same B-tree pages.
-        let mut pending: Vec<_> = frozen.iter().collect();
-        pending.sort_unstable_by_key(|(k, _)| **k);
-        let mut t = txn.open_table(self.def())?;
-        let mut buf = Vec::with_capacity(ORIGINAL_BYTES);
-        for (k, v) in pending {
-            match v {
-                Some(v) => {
-                    buf.clear();
-                    v.encode(&mut buf);
-                    t.insert(k.as_slice(), buf.as_slice())?;
-                }
-                None => {
-                    t.remove(k.as_slice())?;
-                }
-            }
-        }
-        Ok(())
+        let mut sorted: Vec<([u8; 16], Option<Vec<u8>>)> = frozen
+            .iter()
+            .map(|(k, v)| {
+                let v = v.as_ref().map(|o| {
+                    let mut buf = Vec::with_capacity(ORIGINAL_BYTES);
+                    o.encode(&mut buf);
+                    buf
+                });
+                (*k, v)
+            })
+            .collect();
+        sorted.sort_unstable_by_key(|(k, _)| *k);
+        self.keys.append(txn, &sorted)
     }
 
     fn release(&self) -> Released {
@@ -325,14 +317,28 @@ impl StageFactory for ExactStage {
         let state = self
             .shared
             .get_or_init(db, || {
-                let mut tables = ExactTables {
-                    keys: format!("{stage}/keys"),
-                    filter: Mutex::new(KeyFilter::with_capacity(0)),
+                // `{stage}/keys` was the B-tree of earlier versions.
+                let keys = KeyRuns::open(
+                    db.db(),
+                    &format!("{stage}/key_runs"),
+                    ORIGINAL_BYTES,
+                    &format!("{stage}/keys"),
+                )
+                .map_err(|e| db.error(e))?;
+                let filter = (|| {
+                    let txn = db.db().begin_read()?;
+                    let reader = keys.reader(&txn)?;
+                    let mut f = KeyFilter::with_capacity(2 * reader.entries());
+                    reader.each_key(|k| f.insert(key64(k)))?;
+                    Ok::<_, redb::Error>(f)
+                })()
+                .map_err(|e| db.error(e))?;
+                let tables = ExactTables {
+                    keys,
+                    name: format!("{stage}/key_runs"),
+                    filter: Mutex::new(filter),
                     pending: Mutex::new(Layered::default()),
                 };
-                db.ensure_table(tables.def())?;
-                tables.filter =
-                    Mutex::new(filter::of_table(db.db(), tables.def()).map_err(|e| db.error(e))?);
                 let tables = Arc::new(tables);
                 db.register(tables.clone());
                 Ok(Arc::new(ExactState {
@@ -379,7 +385,7 @@ impl Operator for Exact {
         let state = self.state.clone();
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
-        let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
+        let table = state.tables.keys.reader(&txn).map_err(|e| err(&e))?;
         let mut pending = lock(&state.tables.pending);
         let mut filter = lock(&state.tables.filter);
         let flood = self.config.flood.as_ref();
@@ -406,9 +412,9 @@ impl Operator for Exact {
                 }
                 let found = match pending.find(|p| p.get(key).cloned()) {
                     Some(o) => o,
-                    None if filter.may_contain(key64(key)) => table
-                        .get(key.as_slice())?
-                        .and_then(|v| Original::decode(v.value())),
+                    None if filter.may_contain(key64(key)) => {
+                        table.get(key)?.and_then(|v| Original::decode(&v))
+                    }
                     None => None,
                 };
                 Ok(Some(match found {
@@ -457,15 +463,15 @@ impl Operator for Exact {
         let err = |e: &dyn std::fmt::Display| op_err(&ctx.stage, e);
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
-        let table = txn.open_table(state.tables.def()).map_err(|e| err(&e))?;
+        let table = state.tables.keys.reader(&txn).map_err(|e| err(&e))?;
         let mut pending = lock(&state.tables.pending);
         for (key, row) in refused {
             let stored = match pending.find(|p| p.get(&key).cloned()) {
                 Some(o) => o,
                 None => table
-                    .get(key.as_slice())
+                    .get(&key)
                     .map_err(|e| err(&e))?
-                    .and_then(|v| Original::decode(v.value())),
+                    .and_then(|v| Original::decode(&v)),
             };
             // Only if the key still names this row (a replay after a crash may find a later
             // original in its place).

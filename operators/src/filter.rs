@@ -102,21 +102,6 @@ pub fn key64(key: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// A filter of every key of `table` (keys of 16-byte hashes), sized for twice as many.
-pub fn of_table<V: redb::Value + 'static>(
-    db: &redb::Database,
-    table: redb::TableDefinition<'_, &'static [u8], V>,
-) -> Result<KeyFilter, redb::Error> {
-    use redb::{ReadableDatabase, ReadableTableMetadata};
-    let txn = db.begin_read()?;
-    let t = txn.open_table(table)?;
-    let mut f = KeyFilter::with_capacity(2 * t.len()?);
-    for entry in redb::ReadableTable::iter(&t)? {
-        f.insert(key64(entry?.0.value()));
-    }
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ pub mod batch_verify;
 pub mod decode;
 pub mod dedup;
 pub mod filter;
+pub mod key_runs;
 pub mod metrics;
 pub mod minhash;
 pub mod operator;

@@ -28,7 +28,8 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::batch_verify::{prove, Claim, KnownKey, MIN_BATCH};
-use crate::filter::{self, key64, KeyFilter};
+use crate::filter::{key64, KeyFilter};
+use crate::key_runs::{KeyReader, KeyRuns};
 use crate::metrics::SIGNATURES;
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, StageEnv, StageFactory,
@@ -125,7 +126,9 @@ pub struct VerifyState {
 }
 
 struct VerifyTables {
-    nonces: String,
+    /// nonce key → content hash of the first contribution that used it, as sorted runs.
+    nonces: KeyRuns,
+    name: String,
     /// Every key in `nonces` or pending (locked after `pending`): a fresh nonce, the usual
     /// case, costs no disk lookup.
     filter: Mutex<KeyFilter>,
@@ -153,9 +156,6 @@ impl Pending for VerifyPending {
 }
 
 impl VerifyTables {
-    fn nonces_def(&self) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
-        TableDefinition::new(&self.nonces)
-    }
     fn counts_def(&self) -> TableDefinition<'_, &'static [u8], u32> {
         TableDefinition::new(&self.counts)
     }
@@ -163,7 +163,7 @@ impl VerifyTables {
 
 impl Flushable for VerifyTables {
     fn name(&self) -> &str {
-        &self.nonces
+        &self.name
     }
 
     fn freeze(&self) {
@@ -174,13 +174,13 @@ impl Flushable for VerifyTables {
         let Some(p) = lock(&self.pending).frozen() else {
             return Ok(());
         };
-        // In key order: neighbouring inserts land on the same B-tree pages.
-        let mut nonces: Vec<_> = p.nonces.iter().collect();
-        nonces.sort_unstable_by_key(|(k, _)| **k);
-        let mut t = txn.open_table(self.nonces_def())?;
-        for (k, v) in nonces {
-            t.insert(k.as_slice(), v.as_slice())?;
-        }
+        let mut nonces: Vec<([u8; 16], Option<Vec<u8>>)> = p
+            .nonces
+            .iter()
+            .map(|(k, v)| (*k, Some(v.to_vec())))
+            .collect();
+        nonces.sort_unstable_by_key(|(k, _)| *k);
+        self.nonces.append(txn, &nonces)?;
         let mut c = txn.open_table(self.counts_def())?;
         for (k, v) in &p.counts {
             c.insert(k.as_slice(), *v)?;
@@ -220,16 +220,30 @@ fn nonce_key(datanet: &str, contributor: &[u8; 20], nonce: u64) -> [u8; 16] {
 
 impl VerifyState {
     fn open(db: &Arc<StateDb>, stage: &str) -> Result<Arc<Self>, StateError> {
-        let mut tables = VerifyTables {
-            nonces: format!("{stage}/nonces"),
-            filter: Mutex::new(KeyFilter::with_capacity(0)),
+        // `{stage}/nonces` was the B-tree of earlier versions.
+        let nonces = KeyRuns::open(
+            db.db(),
+            &format!("{stage}/nonce_runs"),
+            32,
+            &format!("{stage}/nonces"),
+        )
+        .map_err(|e| db.error(e))?;
+        let filter = (|| {
+            let txn = db.db().begin_read()?;
+            let reader = nonces.reader(&txn)?;
+            let mut f = KeyFilter::with_capacity(2 * reader.entries());
+            reader.each_key(|k| f.insert(key64(k)))?;
+            Ok::<_, redb::Error>(f)
+        })()
+        .map_err(|e| db.error(e))?;
+        let tables = VerifyTables {
+            nonces,
+            name: format!("{stage}/nonce_runs"),
+            filter: Mutex::new(filter),
             counts: format!("{stage}/window_counts"),
             pending: Mutex::new(Layered::default()),
         };
-        db.ensure_table(tables.nonces_def())?;
         db.ensure_table(tables.counts_def())?;
-        tables.filter =
-            Mutex::new(filter::of_table(db.db(), tables.nonces_def()).map_err(|e| db.error(e))?);
         let tables = Arc::new(tables);
         db.register(tables.clone());
         Ok(Arc::new(Self {
@@ -510,17 +524,14 @@ impl Verify {
 
 /// Read access to the durable tables for one batch.
 struct ReadTables<'a> {
-    nonces: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    nonces: KeyReader<'a>,
     counts: redb::ReadOnlyTable<&'static [u8], u32>,
     _txn: &'a redb::ReadTransaction,
 }
 
 impl ReadTables<'_> {
     fn nonce(&self, key: &[u8; 16]) -> Result<Option<[u8; 32]>, redb::Error> {
-        Ok(self
-            .nonces
-            .get(key.as_slice())?
-            .and_then(|v| v.value().try_into().ok()))
+        Ok(self.nonces.get(key)?.and_then(|v| v.try_into().ok()))
     }
     fn count(&self, key: &[u8; 28]) -> Result<u32, redb::Error> {
         Ok(self.counts.get(key.as_slice())?.map_or(0, |v| v.value()))
@@ -543,9 +554,7 @@ impl Operator for Verify {
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
         let read = ReadTables {
-            nonces: txn
-                .open_table(state.tables.nonces_def())
-                .map_err(|e| err(&e))?,
+            nonces: state.tables.nonces.reader(&txn).map_err(|e| err(&e))?,
             counts: txn
                 .open_table(state.tables.counts_def())
                 .map_err(|e| err(&e))?,
