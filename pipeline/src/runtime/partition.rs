@@ -423,9 +423,7 @@ impl PartitionPipeline {
             let (snapshot, out, rejected) = match &mut self.nodes[idx] {
                 Node::Op(op, ctx) => {
                     let mut out = Collector::default();
-                    // A stateful stage makes its shared state durable here (seconds of writing
-                    // and fsync at times): let the other partitions' tasks go on meanwhile.
-                    let s = blocking(|| op.on_barrier(b, ctx, &mut out))?;
+                    let s = op.on_barrier(b, ctx, &mut out)?;
                     (s, out.take(), ctx.take_rejections())
                 }
                 _ => continue,
@@ -536,15 +534,4 @@ fn positions(batch: &RecordBatch) -> impl Iterator<Item = (i32, i64)> + '_ {
     p.zip(o)
         .into_iter()
         .flat_map(|(p, o)| p.values().iter().copied().zip(o.values().iter().copied()))
-}
-
-/// Runs `f`, which may block its thread for a while, so that the runtime's other tasks are not
-/// held up: on a multi-threaded runtime the worker's queue moves to another thread meanwhile.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
 }
