@@ -475,7 +475,7 @@ mod tests {
                 sizes
                     .windows(FANOUT)
                     .all(|w| w[1..].iter().sum::<u64>() < w[0]),
-                "flush {flush}: run sizes {sizes:?}: a run holds no more than the ones after it"
+                "flush {flush}: run sizes {sizes:?}: a run holds no more than the three after it"
             );
             for (k, ids) in &model {
                 let mut got = Vec::new();

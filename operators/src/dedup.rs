@@ -325,21 +325,13 @@ impl StageFactory for ExactStage {
                     &format!("{stage}/keys"),
                 )
                 .map_err(|e| db.error(e))?;
-                let filter = (|| {
-                    let txn = db.db().begin_read()?;
-                    let reader = keys.reader(&txn)?;
-                    let mut f = KeyFilter::with_capacity(2 * reader.entries());
-                    reader.each_key(|k| f.insert(key64(k)))?;
-                    Ok::<_, redb::Error>(f)
-                })()
-                .map_err(|e| db.error(e))?;
-                let tables = ExactTables {
+                let filter = keys.filter(db.db()).map_err(|e| db.error(e))?;
+                let tables = Arc::new(ExactTables {
                     keys,
                     name: format!("{stage}/key_runs"),
                     filter: Mutex::new(filter),
                     pending: Mutex::new(Layered::default()),
-                };
-                let tables = Arc::new(tables);
+                });
                 db.register(tables.clone());
                 Ok(Arc::new(ExactState {
                     db: db.clone(),

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use redb::{ReadableTable, TableDefinition};
 
 pub use crate::band_runs::FANOUT;
+use crate::filter::{key64, KeyFilter};
 
 /// Bytes of a key.
 pub const KEY: usize = 16;
@@ -147,6 +148,16 @@ impl KeyRuns {
             out.push(run);
         }
         Ok(out)
+    }
+
+    /// A Bloom filter of every key with an entry on disk, sized for twice as many.
+    pub fn filter(&self, db: &redb::Database) -> Result<KeyFilter, redb::Error> {
+        use redb::ReadableDatabase;
+        let txn = db.begin_read()?;
+        let reader = self.reader(&txn)?;
+        let mut f = KeyFilter::with_capacity(2 * reader.entries());
+        reader.each_key(|k| f.insert(key64(k)))?;
+        Ok(f)
     }
 
     /// The map as `txn` sees it.

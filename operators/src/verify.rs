@@ -228,14 +228,7 @@ impl VerifyState {
             &format!("{stage}/nonces"),
         )
         .map_err(|e| db.error(e))?;
-        let filter = (|| {
-            let txn = db.db().begin_read()?;
-            let reader = nonces.reader(&txn)?;
-            let mut f = KeyFilter::with_capacity(2 * reader.entries());
-            reader.each_key(|k| f.insert(key64(k)))?;
-            Ok::<_, redb::Error>(f)
-        })()
-        .map_err(|e| db.error(e))?;
+        let filter = nonces.filter(db.db()).map_err(|e| db.error(e))?;
         let tables = VerifyTables {
             nonces,
             name: format!("{stage}/nonce_runs"),
