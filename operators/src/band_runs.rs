@@ -6,12 +6,9 @@
 //! B-tree keyed by band key, each lands on a random leaf: at 200,000 documents that was the
 //! largest single cost of a flush. Here a flush sorts its pending entries and appends them as a
 //! new run of fixed-size blocks (128 entries, 2 KiB) under increasing keys `(run, block)`: a
-//! sequential write. The newest [`FANOUT`] runs are merged into one while the newer three of
-//! them hold at least as many entries as the oldest (a base-4 counter: every run holds more
-//! entries than the three after it together). Each entry is rewritten about log₄(entries /
-//! flush) times over its life, and the index has at most about 3·log₄ of that many runs. (A
-//! binary counter, pairwise merges, rewrote every entry twice as often: at 1,000,000
-//! documents its merges were most of the time a flush took.)
+//! sequential write. Runs merge four at a time ([`crate::runs`], which also keeps the catalogue
+//! of runs). (A binary counter, pairwise merges, rewrote every entry twice as often: at
+//! 1,000,000 documents its merges were most of the time a flush took.)
 //!
 //! A lookup reads one block per run: the first key of every block is kept in memory (8 bytes
 //! per 128 entries), so the block that may hold a key is found without reading the disk. Most
@@ -28,29 +25,18 @@
 //! Entries of forgotten documents are not removed: a candidate whose document record is gone is
 //! skipped, and such entries are few (texts refused after this stage).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use redb::{ReadableTable, TableDefinition};
 
+pub use crate::runs::FANOUT;
+use crate::runs::{Blocks, Catalog, ReadBlocks};
+
 /// Entries per block.
 const BLOCK: usize = 128;
-/// Runs merged at once.
-pub const FANOUT: usize = 4;
 const ENTRY: usize = 16;
 
-/// One sorted run: its id, size and the first key of each block. Immutable once written (ids
-/// are never reused), so it is cached by id.
-#[derive(Debug)]
-pub struct Run {
-    id: u64,
-    entries: u64,
-    firsts: Vec<u64>,
-}
-
-fn encode_firsts(firsts: &[u64]) -> Vec<u8> {
-    firsts.iter().flat_map(|f| f.to_le_bytes()).collect()
-}
+type Run = crate::runs::Run<u64>;
 
 fn word(c: &[u8]) -> u64 {
     u64::from_le_bytes(c.try_into().expect("8 bytes"))
@@ -59,47 +45,29 @@ fn word(c: &[u8]) -> u64 {
 /// Names of the tables of one stage's index.
 #[derive(Debug, Clone)]
 pub struct RunTables {
-    /// (run, block) → block of entries.
-    blocks: String,
-    /// run → entry count: the runs of the index as of a transaction.
-    runs: String,
-    /// run → first key of each block.
-    firsts: String,
+    prefix: String,
 }
-
-type BlocksDef<'a> = TableDefinition<'a, (u64, u32), &'static [u8]>;
-type RunsDef<'a> = TableDefinition<'a, u64, u64>;
-type FirstsDef<'a> = TableDefinition<'a, u64, &'static [u8]>;
 
 impl RunTables {
     pub fn new(prefix: &str) -> Self {
         Self {
-            blocks: format!("{prefix}/band_blocks"),
-            runs: format!("{prefix}/band_runs"),
-            firsts: format!("{prefix}/band_firsts"),
+            prefix: prefix.to_string(),
         }
-    }
-    fn blocks_def(&self) -> BlocksDef<'_> {
-        TableDefinition::new(&self.blocks)
-    }
-    fn runs_def(&self) -> RunsDef<'_> {
-        TableDefinition::new(&self.runs)
-    }
-    fn firsts_def(&self) -> FirstsDef<'_> {
-        TableDefinition::new(&self.firsts)
     }
 
     /// Creates the tables if needed and moves the entries of a `legacy` B-tree index (`(band
     /// key, doc id) → ()`, the layout before runs) into a run, dropping it.
     pub fn open(&self, db: &redb::Database, legacy: &str) -> Result<BandRuns, redb::Error> {
+        let p = &self.prefix;
         let runs = BandRuns {
-            tables: self.clone(),
-            cache: Mutex::new(HashMap::new()),
+            catalog: Catalog::new(
+                format!("{p}/band_blocks"),
+                format!("{p}/band_runs"),
+                format!("{p}/band_firsts"),
+            ),
         };
         let txn = db.begin_write()?;
-        txn.open_table(self.runs_def())?;
-        txn.open_table(self.firsts_def())?;
-        txn.open_table(self.blocks_def())?;
+        runs.catalog.create(&txn)?;
         let legacy_def: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new(legacy);
         // (A write transaction opens a missing table as an empty one.)
         let old: Vec<(u64, u64)> = txn
@@ -114,104 +82,66 @@ impl RunTables {
         txn.commit()?;
         Ok(runs)
     }
+}
 
-    fn write_run(
-        &self,
-        txn: &redb::WriteTransaction,
-        id: u64,
-        sorted: &[(u64, u64)],
-    ) -> Result<Run, redb::Error> {
-        let mut blocks = txn.open_table(self.blocks_def())?;
-        let mut firsts = Vec::with_capacity(sorted.len().div_ceil(BLOCK));
-        let mut buf = Vec::with_capacity(BLOCK * ENTRY);
-        for (b, chunk) in sorted.chunks(BLOCK).enumerate() {
-            buf.clear();
-            for (k, d) in chunk {
-                buf.extend_from_slice(&k.to_le_bytes());
-                buf.extend_from_slice(&d.to_le_bytes());
-            }
-            firsts.push(chunk[0].0);
-            blocks.insert((id, b as u32), buf.as_slice())?;
+fn write_run(blocks: &mut Blocks<'_>, id: u64, sorted: &[(u64, u64)]) -> Result<Run, redb::Error> {
+    let mut firsts = Vec::with_capacity(sorted.len().div_ceil(BLOCK));
+    let mut buf = Vec::with_capacity(BLOCK * ENTRY);
+    for (b, chunk) in sorted.chunks(BLOCK).enumerate() {
+        buf.clear();
+        for (k, d) in chunk {
+            buf.extend_from_slice(&k.to_le_bytes());
+            buf.extend_from_slice(&d.to_le_bytes());
         }
-        let run = Run {
-            id,
-            entries: sorted.len() as u64,
-            firsts,
-        };
-        self.record(txn, &run)?;
-        Ok(run)
+        firsts.push(chunk[0].0);
+        blocks.insert((id, b as u32), buf.as_slice())?;
     }
+    Ok(Run {
+        id,
+        entries: sorted.len() as u64,
+        firsts,
+    })
+}
 
-    fn record(&self, txn: &redb::WriteTransaction, run: &Run) -> Result<(), redb::Error> {
-        txn.open_table(self.runs_def())?
-            .insert(run.id, run.entries)?;
-        txn.open_table(self.firsts_def())?
-            .insert(run.id, encode_firsts(&run.firsts).as_slice())?;
-        Ok(())
-    }
-
-    /// Merges `runs` (by blocks, never holding any whole) into run `id`, and deletes them
-    /// (readers of earlier transactions still see them: redb's snapshots).
-    fn merge(
-        &self,
-        txn: &redb::WriteTransaction,
-        id: u64,
-        runs: &[Arc<Run>],
-    ) -> Result<Run, redb::Error> {
-        let mut blocks = txn.open_table(self.blocks_def())?;
-        let mut cursors: Vec<Cursor<'_>> = runs.iter().map(|r| Cursor::new(r)).collect();
-        let mut firsts = Vec::new();
-        let mut out: Vec<u8> = Vec::with_capacity(BLOCK * ENTRY);
-        let mut entries = 0u64;
-        loop {
-            let mut next: Option<(usize, (u64, u64))> = None;
-            for (i, c) in cursors.iter_mut().enumerate() {
-                c.fill(&blocks)?;
-                if let Some(e) = c.peek() {
-                    if next.is_none_or(|(_, n)| e < n) {
-                        next = Some((i, e));
-                    }
+/// Merges `runs` into run `id`, block by block, never holding any whole.
+fn merge(blocks: &mut Blocks<'_>, id: u64, runs: &[Arc<Run>]) -> Result<Run, redb::Error> {
+    let mut cursors: Vec<Cursor<'_>> = runs.iter().map(|r| Cursor::new(r)).collect();
+    let mut firsts = Vec::new();
+    let mut out: Vec<u8> = Vec::with_capacity(BLOCK * ENTRY);
+    let mut entries = 0u64;
+    loop {
+        let mut next: Option<(usize, (u64, u64))> = None;
+        for (i, c) in cursors.iter_mut().enumerate() {
+            c.fill(blocks)?;
+            if let Some(e) = c.peek() {
+                if next.is_none_or(|(_, n)| e < n) {
+                    next = Some((i, e));
                 }
             }
-            let Some((i, (k, d))) = next else {
-                break;
-            };
-            cursors[i].pos += 1;
-            if out.is_empty() {
-                firsts.push(k);
-            }
-            out.extend_from_slice(&k.to_le_bytes());
-            out.extend_from_slice(&d.to_le_bytes());
-            entries += 1;
-            if out.len() == BLOCK * ENTRY {
-                blocks.insert((id, firsts.len() as u32 - 1), out.as_slice())?;
-                out.clear();
-            }
         }
-        if !out.is_empty() {
-            blocks.insert((id, firsts.len() as u32 - 1), out.as_slice())?;
-        }
-        for run in runs {
-            for block in 0..run.firsts.len() as u32 {
-                blocks.remove((run.id, block))?;
-            }
-        }
-        drop(blocks);
-        let mut all_runs = txn.open_table(self.runs_def())?;
-        let mut all_firsts = txn.open_table(self.firsts_def())?;
-        for run in runs {
-            all_runs.remove(run.id)?;
-            all_firsts.remove(run.id)?;
-        }
-        drop((all_runs, all_firsts));
-        let run = Run {
-            id,
-            entries,
-            firsts,
+        let Some((i, (k, d))) = next else {
+            break;
         };
-        self.record(txn, &run)?;
-        Ok(run)
+        cursors[i].pos += 1;
+        if out.is_empty() {
+            firsts.push(k);
+        }
+        out.extend_from_slice(&k.to_le_bytes());
+        out.extend_from_slice(&d.to_le_bytes());
+        entries += 1;
+        if out.len() == BLOCK * ENTRY {
+            blocks.insert((id, firsts.len() as u32 - 1), out.as_slice())?;
+            out.clear();
+        }
     }
+    if !out.is_empty() {
+        blocks.insert((id, firsts.len() as u32 - 1), out.as_slice())?;
+    }
+    Ok(Run {
+        id,
+        entries,
+        firsts,
+    })
 }
 
 /// Reads one run block by block during a merge.
@@ -232,10 +162,7 @@ impl<'r> Cursor<'r> {
         }
     }
 
-    fn fill(
-        &mut self,
-        blocks: &redb::Table<'_, (u64, u32), &'static [u8]>,
-    ) -> Result<(), redb::Error> {
+    fn fill(&mut self, blocks: &Blocks<'_>) -> Result<(), redb::Error> {
         if self.pos < self.entries.len() || self.next_block as usize >= self.run.firsts.len() {
             return Ok(());
         }
@@ -263,57 +190,20 @@ fn decode_block(bytes: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
         .map(|e| (word(&e[..8]), word(&e[8..])))
 }
 
-/// One stage's index: its tables and the runs read so far, by id. Which runs make up the index
-/// is always read from the transaction at hand (a few small keys), so a reader and the runs it
-/// searches come from the same snapshot, whatever flushes commit meanwhile.
+/// One stage's index: its catalogue of runs ([`crate::runs`]).
 pub struct BandRuns {
-    tables: RunTables,
-    cache: Mutex<HashMap<u64, Arc<Run>>>,
+    catalog: Catalog<u64>,
 }
 
 impl BandRuns {
-    /// The runs as of `runs` (oldest first: ids grow with age), from the cache or `firsts`.
-    fn runs_of(
-        &self,
-        runs: &impl ReadableTable<u64, u64>,
-        firsts: &impl ReadableTable<u64, &'static [u8]>,
-    ) -> Result<Vec<Arc<Run>>, redb::Error> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
-        for entry in runs.iter()? {
-            let (id, entries) = entry?;
-            let (id, entries) = (id.value(), entries.value());
-            if let Some(run) = cache.get(&id) {
-                out.push(run.clone());
-                continue;
-            }
-            let bytes = firsts.get(id)?.ok_or_else(|| {
-                redb::Error::Corrupted(format!("band run {id} has no block index"))
-            })?;
-            let run = Arc::new(Run {
-                id,
-                entries,
-                firsts: bytes.value().chunks_exact(8).map(word).collect(),
-            });
-            cache.insert(id, run.clone());
-            out.push(run);
-        }
-        Ok(out)
-    }
-
     /// The index as `txn` sees it.
     pub fn reader(&self, txn: &redb::ReadTransaction) -> Result<DiskBands, redb::Error> {
-        let runs = txn.open_table(self.tables.runs_def())?;
-        let firsts = txn.open_table(self.tables.firsts_def())?;
-        Ok(DiskBands {
-            blocks: txn.open_table(self.tables.blocks_def())?,
-            runs: self.runs_of(&runs, &firsts)?,
-        })
+        let (blocks, runs) = self.catalog.read(txn)?;
+        Ok(DiskBands { blocks, runs })
     }
 
     /// Appends `sorted` (sorted by key, then id) to the index in `txn` as a new run, then
-    /// merges the newest [`FANOUT`] runs into one while the newer ones together hold at least as
-    /// many entries as the oldest of them.
+    /// merges runs by the policy of [`crate::runs`].
     pub fn append(
         &self,
         txn: &redb::WriteTransaction,
@@ -322,44 +212,17 @@ impl BandRuns {
         if sorted.is_empty() {
             return Ok(());
         }
-        let mut runs = {
-            let runs = txn.open_table(self.tables.runs_def())?;
-            let firsts = txn.open_table(self.tables.firsts_def())?;
-            self.runs_of(&runs, &firsts)?
-        };
-        let mut next_id = runs.last().map_or(0, |r| r.id + 1);
-        let run = self.tables.write_run(txn, next_id, sorted)?;
-        next_id += 1;
-        runs.push(Arc::new(run));
-        let mut merged_away = Vec::new();
-        while runs.len() >= FANOUT {
-            let tail = &runs[runs.len() - FANOUT..];
-            let newer: u64 = tail[1..].iter().map(|r| r.entries).sum();
-            if newer < tail[0].entries {
-                break;
-            }
-            let merged = self.tables.merge(txn, next_id, tail)?;
-            next_id += 1;
-            merged_away.extend(tail.iter().map(|r| r.id));
-            runs.truncate(runs.len() - FANOUT);
-            runs.push(Arc::new(merged));
-        }
-        // Readers of older snapshots that still need the runs merged away read their block
-        // index back from their snapshot.
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        for id in merged_away {
-            cache.remove(&id);
-        }
-        if let Some(run) = runs.last() {
-            cache.insert(run.id, run.clone());
-        }
-        Ok(())
+        self.catalog.append(
+            txn,
+            |blocks, id| write_run(blocks, id, sorted),
+            |blocks, id, runs, _oldest| merge(blocks, id, runs),
+        )
     }
 }
 
 /// The on-disk index for one decision.
 pub struct DiskBands {
-    blocks: redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
+    blocks: ReadBlocks,
     runs: Vec<Arc<Run>>,
 }
 

@@ -6,8 +6,7 @@
 //! their leaves for a few new keys on each, and at 1,000,000 contributions that was most of
 //! what a flush wrote. Here, as for the band index ([`crate::band_runs`]), a flush sorts its
 //! changes and appends them as one run of fixed-size blocks under increasing keys `(run,
-//! block)`, and the newest [`FANOUT`] runs merge while the newer ones hold at least as many
-//! entries as the oldest of them.
+//! block)`, and runs merge four at a time (the catalogue and the policy: [`crate::runs`]).
 //!
 //! It is a map: a key's newest entry wins. A lookup searches the runs newest first and stops at
 //! the first entry for the key; an entry is a value or a tombstone (the key was forgotten). A
@@ -20,40 +19,26 @@
 //! run's block index is cached by id), so it searches the runs of its snapshot whatever merges
 //! commit meanwhile.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use redb::{ReadableTable, TableDefinition};
 
-pub use crate::band_runs::FANOUT;
 use crate::filter::{key64, KeyFilter};
+pub use crate::runs::FANOUT;
+use crate::runs::{Blocks, Catalog, ReadBlocks};
 
 /// Bytes of a key.
 pub const KEY: usize = 16;
 /// Target bytes of a block.
 const BLOCK_BYTES: usize = 2048;
 
-type BlocksDef<'a> = TableDefinition<'a, (u64, u32), &'static [u8]>;
-type RunsDef<'a> = TableDefinition<'a, u64, u64>;
-type FirstsDef<'a> = TableDefinition<'a, u64, &'static [u8]>;
 type LegacyDef<'a> = TableDefinition<'a, &'static [u8], &'static [u8]>;
-
-/// One sorted run: its id, size and the first key of each block. Immutable once written (ids
-/// are never reused), so it is cached by id.
-#[derive(Debug)]
-struct Run {
-    id: u64,
-    entries: u64,
-    firsts: Vec<[u8; KEY]>,
-}
+type Run = crate::runs::Run<[u8; KEY]>;
 
 /// A map of `KEY`-byte keys to `value_len`-byte values in sorted runs.
 pub struct KeyRuns {
-    blocks: String,
-    runs: String,
-    firsts: String,
+    catalog: Catalog<[u8; KEY]>,
     value_len: usize,
-    cache: Mutex<HashMap<u64, Arc<Run>>>,
 }
 
 impl KeyRuns {
@@ -66,16 +51,15 @@ impl KeyRuns {
         legacy: &str,
     ) -> Result<KeyRuns, redb::Error> {
         let map = KeyRuns {
-            blocks: format!("{name}/blocks"),
-            runs: format!("{name}/runs"),
-            firsts: format!("{name}/firsts"),
+            catalog: Catalog::new(
+                format!("{name}/blocks"),
+                format!("{name}/runs"),
+                format!("{name}/firsts"),
+            ),
             value_len,
-            cache: Mutex::new(HashMap::new()),
         };
         let txn = db.begin_write()?;
-        txn.open_table(map.runs_def())?;
-        txn.open_table(map.firsts_def())?;
-        txn.open_table(map.blocks_def())?;
+        map.catalog.create(&txn)?;
         let legacy_def: LegacyDef<'_> = TableDefinition::new(legacy);
         // (A write transaction opens a missing table as an empty one; keys are in byte order.)
         let old: Vec<([u8; KEY], Option<Vec<u8>>)> = txn
@@ -98,16 +82,6 @@ impl KeyRuns {
         Ok(map)
     }
 
-    fn blocks_def(&self) -> BlocksDef<'_> {
-        TableDefinition::new(&self.blocks)
-    }
-    fn runs_def(&self) -> RunsDef<'_> {
-        TableDefinition::new(&self.runs)
-    }
-    fn firsts_def(&self) -> FirstsDef<'_> {
-        TableDefinition::new(&self.firsts)
-    }
-
     /// Bytes of an entry: key, tag (1 value, 0 tombstone), value.
     fn entry_len(&self) -> usize {
         KEY + 1 + self.value_len
@@ -115,39 +89,6 @@ impl KeyRuns {
 
     fn per_block(&self) -> usize {
         (BLOCK_BYTES / self.entry_len()).max(1)
-    }
-
-    /// The runs as of `runs` (oldest first: ids grow with age), from the cache or `firsts`.
-    fn runs_of(
-        &self,
-        runs: &impl ReadableTable<u64, u64>,
-        firsts: &impl ReadableTable<u64, &'static [u8]>,
-    ) -> Result<Vec<Arc<Run>>, redb::Error> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
-        for entry in runs.iter()? {
-            let (id, entries) = entry?;
-            let (id, entries) = (id.value(), entries.value());
-            if let Some(run) = cache.get(&id) {
-                out.push(run.clone());
-                continue;
-            }
-            let bytes = firsts.get(id)?.ok_or_else(|| {
-                redb::Error::Corrupted(format!("{}: run {id} has no block index", self.runs))
-            })?;
-            let run = Arc::new(Run {
-                id,
-                entries,
-                firsts: bytes
-                    .value()
-                    .chunks_exact(KEY)
-                    .map(|c| c.try_into().expect("a key"))
-                    .collect(),
-            });
-            cache.insert(id, run.clone());
-            out.push(run);
-        }
-        Ok(out)
     }
 
     /// A Bloom filter of every key with an entry on disk, sized for twice as many.
@@ -162,18 +103,16 @@ impl KeyRuns {
 
     /// The map as `txn` sees it.
     pub fn reader(&self, txn: &redb::ReadTransaction) -> Result<KeyReader<'_>, redb::Error> {
-        let runs = txn.open_table(self.runs_def())?;
-        let firsts = txn.open_table(self.firsts_def())?;
+        let (blocks, runs) = self.catalog.read(txn)?;
         Ok(KeyReader {
             map: self,
-            blocks: txn.open_table(self.blocks_def())?,
-            runs: self.runs_of(&runs, &firsts)?,
+            blocks,
+            runs,
         })
     }
 
     /// Appends `sorted` (strictly increasing keys; `None` forgets a key) as a new run, then
-    /// merges the newest [`FANOUT`] runs into one while the newer ones together hold at least
-    /// as many entries as the oldest of them.
+    /// merges runs by the policy of [`crate::runs`].
     pub fn append(
         &self,
         txn: &redb::WriteTransaction,
@@ -182,68 +121,28 @@ impl KeyRuns {
         if sorted.is_empty() {
             return Ok(());
         }
-        let mut runs = {
-            let runs = txn.open_table(self.runs_def())?;
-            let firsts = txn.open_table(self.firsts_def())?;
-            self.runs_of(&runs, &firsts)?
-        };
-        let mut next_id = runs.last().map_or(0, |r| r.id + 1);
-        let mut writer = RunWriter::new(self, next_id);
-        {
-            let mut blocks = txn.open_table(self.blocks_def())?;
-            for (k, v) in sorted {
-                writer.push(&mut blocks, k, v.as_deref())?;
-            }
-            runs.push(Arc::new(writer.finish(&mut blocks)?));
-        }
-        self.record(txn, runs.last().expect("the new run"))?;
-        next_id += 1;
-        let mut merged_away = Vec::new();
-        while runs.len() >= FANOUT {
-            let at = runs.len() - FANOUT;
-            let tail = &runs[at..];
-            let newer: u64 = tail[1..].iter().map(|r| r.entries).sum();
-            if newer < tail[0].entries {
-                break;
-            }
-            let merged = self.merge(txn, next_id, tail, at == 0)?;
-            next_id += 1;
-            merged_away.extend(tail.iter().map(|r| r.id));
-            runs.truncate(at);
-            runs.push(Arc::new(merged));
-        }
-        // Readers of older snapshots that still need the runs merged away read their block
-        // index back from their snapshot.
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        for id in merged_away {
-            cache.remove(&id);
-        }
-        if let Some(run) = runs.last() {
-            cache.insert(run.id, run.clone());
-        }
-        Ok(())
-    }
-
-    fn record(&self, txn: &redb::WriteTransaction, run: &Run) -> Result<(), redb::Error> {
-        txn.open_table(self.runs_def())?
-            .insert(run.id, run.entries)?;
-        let firsts: Vec<u8> = run.firsts.concat();
-        txn.open_table(self.firsts_def())?
-            .insert(run.id, firsts.as_slice())?;
-        Ok(())
+        self.catalog.append(
+            txn,
+            |blocks, id| {
+                let mut writer = RunWriter::new(self, id);
+                for (k, v) in sorted {
+                    writer.push(blocks, k, v.as_deref())?;
+                }
+                writer.finish(blocks)
+            },
+            |blocks, id, runs, oldest| self.merge(blocks, id, runs, oldest),
+        )
     }
 
     /// Merges `runs` (oldest first) into run `id`, the newest entry of each key winning, block
-    /// by block; tombstones go when `oldest` (no run is older than these). Deletes the runs
-    /// merged (readers of earlier transactions still see them).
+    /// by block; tombstones go when `oldest` (no run is older than these).
     fn merge(
         &self,
-        txn: &redb::WriteTransaction,
+        blocks: &mut Blocks<'_>,
         id: u64,
         runs: &[Arc<Run>],
         oldest: bool,
     ) -> Result<Run, redb::Error> {
-        let mut blocks = txn.open_table(self.blocks_def())?;
         let mut cursors: Vec<Cursor<'_>> = runs.iter().map(|r| Cursor::new(r)).collect();
         let mut writer = RunWriter::new(self, id);
         let len = self.entry_len();
@@ -251,7 +150,7 @@ impl KeyRuns {
             // The smallest key; among equal keys the newest run's (the highest index).
             let mut next: Option<(usize, [u8; KEY])> = None;
             for (i, c) in cursors.iter_mut().enumerate() {
-                c.fill(&blocks, len)?;
+                c.fill(blocks, len)?;
                 if let Some(k) = c.key(len) {
                     if next.is_none_or(|(_, n)| k <= n) {
                         next = Some((i, k));
@@ -269,25 +168,10 @@ impl KeyRuns {
             }
             let value = (entry[KEY] == 1).then(|| &entry[KEY + 1..]);
             if value.is_some() || !oldest {
-                writer.push(&mut blocks, &key, value)?;
+                writer.push(blocks, &key, value)?;
             }
         }
-        let run = writer.finish(&mut blocks)?;
-        for r in runs {
-            for block in 0..r.firsts.len() as u32 {
-                blocks.remove((r.id, block))?;
-            }
-        }
-        drop(blocks);
-        let mut all_runs = txn.open_table(self.runs_def())?;
-        let mut all_firsts = txn.open_table(self.firsts_def())?;
-        for r in runs {
-            all_runs.remove(r.id)?;
-            all_firsts.remove(r.id)?;
-        }
-        drop((all_runs, all_firsts));
-        self.record(txn, &run)?;
-        Ok(run)
+        writer.finish(blocks)
     }
 }
 
@@ -315,7 +199,7 @@ impl<'m> RunWriter<'m> {
 
     fn push(
         &mut self,
-        blocks: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
+        blocks: &mut Blocks<'_>,
         key: &[u8; KEY],
         value: Option<&[u8]>,
     ) -> Result<(), redb::Error> {
@@ -342,10 +226,7 @@ impl<'m> RunWriter<'m> {
         Ok(())
     }
 
-    fn write_block(
-        &mut self,
-        blocks: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
-    ) -> Result<(), redb::Error> {
+    fn write_block(&mut self, blocks: &mut Blocks<'_>) -> Result<(), redb::Error> {
         if self.in_block > 0 {
             blocks.insert(
                 (self.id, self.firsts.len() as u32 - 1),
@@ -357,10 +238,7 @@ impl<'m> RunWriter<'m> {
         Ok(())
     }
 
-    fn finish(
-        mut self,
-        blocks: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
-    ) -> Result<Run, redb::Error> {
+    fn finish(mut self, blocks: &mut Blocks<'_>) -> Result<Run, redb::Error> {
         self.write_block(blocks)?;
         Ok(Run {
             id: self.id,
@@ -388,11 +266,7 @@ impl<'r> Cursor<'r> {
         }
     }
 
-    fn fill(
-        &mut self,
-        blocks: &redb::Table<'_, (u64, u32), &'static [u8]>,
-        len: usize,
-    ) -> Result<(), redb::Error> {
+    fn fill(&mut self, blocks: &Blocks<'_>, len: usize) -> Result<(), redb::Error> {
         if (self.pos + 1) * len <= self.block.len()
             || self.next_block as usize >= self.run.firsts.len()
         {
@@ -424,7 +298,7 @@ impl<'r> Cursor<'r> {
 /// The map as one read transaction sees it.
 pub struct KeyReader<'m> {
     map: &'m KeyRuns,
-    blocks: redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
+    blocks: ReadBlocks,
     runs: Vec<Arc<Run>>,
 }
 

@@ -22,6 +22,7 @@ pub mod operator;
 pub mod quality;
 pub mod rejection;
 pub mod rows;
+pub mod runs;
 pub mod signature;
 pub mod state;
 pub mod verify;
