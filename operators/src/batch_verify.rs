@@ -31,9 +31,7 @@ use std::sync::LazyLock;
 
 use k256::elliptic_curve::group::Group;
 use k256::elliptic_curve::ops::Reduce;
-use k256::elliptic_curve::point::DecompressPoint;
 use k256::elliptic_curve::sec1::FromEncodedPoint;
-use k256::elliptic_curve::subtle::Choice;
 use k256::elliptic_curve::PrimeField;
 use k256::{AffinePoint, EncodedPoint, FieldBytes, ProjectivePoint, Scalar, U256};
 use sha3::{Digest, Keccak256};
@@ -187,8 +185,20 @@ fn parse(digest: &[u8; 32], sig: &[u8; 65]) -> Option<(Scalar, Scalar, Scalar, A
     let e = <Scalar as Reduce<U256>>::reduce_bytes(&(*digest).into());
     // r < n < p, so r is the x-coordinate itself (recovery ids 2 and 3, x = r + n, are not
     // Ethereum's).
-    let big_r: AffinePoint = Option::from(AffinePoint::decompress(&r_bytes, Choice::from(odd)))?;
-    Some((r, s, e, big_r))
+    Some((r, s, e, decompress(&r_bytes, odd == 1)?))
+}
+
+/// The point with x-coordinate `x` and y of the given parity, `None` if there is none. Its
+/// square root is libsecp256k1's (`secp256k1_ec_pubkey_parse` of the compressed encoding), about
+/// 40 % faster than k256's `AffinePoint::decompress` here; the point comes back to k256 for the
+/// multiplication (the uncompressed encoding, checked against the curve equation again).
+fn decompress(x: &FieldBytes, odd: bool) -> Option<AffinePoint> {
+    let mut compressed = [0u8; 33];
+    compressed[0] = if odd { 0x03 } else { 0x02 };
+    compressed[1..].copy_from_slice(x);
+    let point = secp256k1::PublicKey::from_slice(&compressed).ok()?;
+    let encoded = EncodedPoint::from_bytes(point.serialize_uncompressed()).ok()?;
+    Option::from(AffinePoint::from_encoded_point(&encoded))
 }
 
 /// Whether the weighted batch equation holds for `batch`.
@@ -326,6 +336,24 @@ mod tests {
         sig[..64].copy_from_slice(&rs);
         sig[64] = 27 + recid.to_u8();
         sig
+    }
+
+    proptest! {
+        /// libsecp256k1's decompression gives k256's point, or none where k256 has none (x not
+        /// on the curve, x ≥ p).
+        #[test]
+        fn decompress_agrees_with_k256(x in any::<[u8; 32]>(), odd in any::<bool>(), high in any::<bool>()) {
+            use k256::elliptic_curve::point::DecompressPoint;
+            let mut x = x;
+            if high {
+                // Near p = 2²⁵⁶ − 2³² − 977, where x ≥ p must be refused.
+                x[..27].fill(0xff);
+            }
+            let x: FieldBytes = x.into();
+            let k256: Option<AffinePoint> =
+                AffinePoint::decompress(&x, k256::elliptic_curve::subtle::Choice::from(u8::from(odd))).into();
+            prop_assert_eq!(decompress(&x, odd), k256);
+        }
     }
 
     #[test]

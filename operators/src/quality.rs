@@ -218,7 +218,10 @@ pub fn check_text(
     if bytes > config.max_bytes {
         fire!("max_bytes", "{bytes} bytes, more than {}", config.max_bytes);
     }
-    let words: Vec<&str> = text.split_whitespace().collect();
+    // Most texts are ASCII: then bytes are characters, whitespace is six bytes, and the scans
+    // below go by bytes.
+    let ascii = text.is_ascii();
+    let words = split_words(text, ascii);
     let n = words.len();
     if n < config.min_words {
         fire!("min_words", "{n} words, fewer than {}", config.min_words);
@@ -231,7 +234,7 @@ pub fn check_text(
     if contains_ignore_ascii_case(text, b"lorem ipsum") {
         fire!("c4_lorem_ipsum", "contains \"lorem ipsum\"");
     }
-    if text.contains('{') {
+    if memchr::memchr(b'{', text.as_bytes()).is_some() {
         fire!("c4_curly_bracket", "contains `{{` (code or templates)");
     }
     if let Some(w) = words
@@ -240,7 +243,7 @@ pub fn check_text(
     {
         fire!("c4_long_word", "a word of {} characters", w.chars().count());
     }
-    let sentences = count_sentences(text);
+    let sentences = count_sentences(text, ascii);
     if sentences < config.min_sentences {
         fire!(
             "c4_min_sentences",
@@ -251,7 +254,7 @@ pub fn check_text(
 
     // Gopher quality. One pass over the words gathers what these rules and the language fast
     // path need.
-    let w = WordStats::of(&words);
+    let w = WordStats::of(&words, ascii);
     if n > 0 {
         if w.stripped > 0 {
             let avg = w.stripped_chars as f64 / w.stripped as f64;
@@ -262,8 +265,14 @@ pub fn check_text(
                 );
             }
         }
-        let symbols =
-            text.matches('#').count() + text.matches("...").count() + text.matches('…').count();
+        let b = text.as_bytes();
+        let symbols = memchr::memchr_iter(b'#', b).count()
+            + memchr::memmem::find_iter(b, b"...").count()
+            + if ascii {
+                0
+            } else {
+                text.matches('…').count()
+            };
         let ratio = symbols as f64 / n as f64;
         if ratio > 0.1 {
             fire!(
@@ -314,7 +323,12 @@ pub fn check_text(
     }
 
     // Gopher repetition.
-    let total_chars = text.chars().count().max(1) as f64;
+    let total_chars = if ascii {
+        text.len()
+    } else {
+        text.chars().count()
+    }
+    .max(1) as f64;
     let (dup_lines, dup_line_chars) = duplicates(&lines);
     if !lines.is_empty() {
         let frac = dup_lines as f64 / lines.len() as f64;
@@ -332,8 +346,7 @@ pub fn check_text(
             );
         }
     }
-    let paragraphs: Vec<&str> = text
-        .split("\n\n")
+    let paragraphs: Vec<&str> = split_paragraphs(text)
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .collect();
@@ -355,50 +368,8 @@ pub fn check_text(
         }
     }
     if n > 0 {
-        // Shares of the text's length, as datatrove computes them.
-        let word_chars = text.len().max(1) as f64;
-        let hashes: Vec<u64> = words
-            .iter()
-            .map(|w| xxhash_rust::xxh3::xxh3_64(w.as_bytes()))
-            .collect();
-        let lens: Vec<usize> = words.iter().map(|w| w.len()).collect();
-        let mut scratch = NgramCounts::default();
-        // A share is 0 exactly when no n-gram of that length repeats, and then no longer one
-        // repeats either (its first words would): the remaining lengths are skipped.
-        let mut repeats = true;
-        for (g, thr, rule) in [
-            (2, 0.20, "gopher_rep_top_2gram"),
-            (3, 0.18, "gopher_rep_top_3gram"),
-            (4, 0.16, "gopher_rep_top_4gram"),
-        ] {
-            if !repeats {
-                break;
-            }
-            let share = top_ngram_share(&hashes, &lens, g, &mut scratch) / word_chars;
-            repeats = share > 0.0;
-            if share > thr {
-                fire!(rule, "the most frequent {g}-gram covers {share:.3} of the characters, more than {thr}");
-            }
-        }
-        for (g, thr, rule) in [
-            (5, 0.15, "gopher_rep_dup_5gram"),
-            (6, 0.14, "gopher_rep_dup_6gram"),
-            (7, 0.13, "gopher_rep_dup_7gram"),
-            (8, 0.12, "gopher_rep_dup_8gram"),
-            (9, 0.11, "gopher_rep_dup_9gram"),
-            (10, 0.10, "gopher_rep_dup_10gram"),
-        ] {
-            if !repeats {
-                break;
-            }
-            let share = dup_ngram_chars(&hashes, &lens, g, &mut scratch) / word_chars;
-            repeats = share > 0.0;
-            if share > thr {
-                fire!(
-                    rule,
-                    "repeated {g}-grams cover {share:.3} of the characters, more than {thr}"
-                );
-            }
+        if let Some(f) = repetition(&words, text.len(), &on) {
+            return Some(f);
         }
     }
 
@@ -431,7 +402,7 @@ pub fn check_text(
             );
         }
         if n > 0 {
-            let newlines = text.matches('\n').count() as f64 / n as f64;
+            let newlines = memchr::memchr_iter(b'\n', text.as_bytes()).count() as f64 / n as f64;
             if newlines > 0.3 {
                 fire!(
                     "fineweb_list",
@@ -481,7 +452,8 @@ struct WordStats {
 }
 
 impl WordStats {
-    fn of(words: &[&str]) -> Self {
+    /// `ascii`: the words are all ASCII.
+    fn of(words: &[&str], ascii: bool) -> Self {
         let mut s = WordStats {
             words: words.len(),
             stripped: 0,
@@ -492,9 +464,9 @@ impl WordStats {
             function: 0,
         };
         for w in words {
-            let ascii = w.is_ascii();
+            let ascii = ascii || w.is_ascii();
             let t = if ascii {
-                w.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+                trim_ascii_non_alphanumeric(w)
             } else {
                 w.trim_matches(|c: char| !c.is_alphanumeric())
             };
@@ -508,7 +480,7 @@ impl WordStats {
                 w.chars().any(char::is_alphabetic)
             };
             s.alpha += usize::from(has_alpha);
-            if t.is_ascii() {
+            if ascii || t.is_ascii() {
                 s.latin += 1;
                 let mut buf = [0u8; 8];
                 if t.len() < buf.len() {
@@ -598,37 +570,42 @@ fn is_english_function_word(w: &[u8]) -> bool {
 /// `k` this is `text.to_lowercase().contains(needle)` without the copy (the one non-ASCII
 /// character that lowercases to ASCII is the Kelvin sign, to `k`).
 fn contains_ignore_ascii_case(text: &str, needle: &[u8]) -> bool {
+    /// Letters from the rarest in English text to the most common.
+    const RARE_FIRST: &[u8] = b"zqjxkvbpygfwmucldrhsnioate";
     let t = text.as_bytes();
-    let Some(&first) = needle.first() else {
+    // The scan stops at the needle's rarest letter: in prose, few places to compare.
+    let rank = |b: &u8| {
+        RARE_FIRST
+            .iter()
+            .position(|r| r == b)
+            .unwrap_or(RARE_FIRST.len())
+    };
+    let Some((at, &anchor)) = needle.iter().enumerate().min_by_key(|(_, b)| rank(b)) else {
         return true;
     };
     let Some(last_start) = t.len().checked_sub(needle.len()) else {
         return false;
     };
-    let starts = &t[..=last_start];
+    let anchors = &t[at..=last_start + at];
     let hit = |i: usize| t[i..i + needle.len()].eq_ignore_ascii_case(needle);
-    let upper = first.to_ascii_uppercase();
-    if upper == first {
-        memchr::memchr_iter(first, starts).any(hit)
+    let upper = anchor.to_ascii_uppercase();
+    if upper == anchor {
+        memchr::memchr_iter(anchor, anchors).any(hit)
     } else {
-        memchr::memchr2_iter(first, upper, starts).any(hit)
+        memchr::memchr2_iter(anchor, upper, anchors).any(hit)
     }
 }
 
-fn count_sentences(text: &str) -> usize {
+/// Sentences: terminal punctuation followed by whitespace or the end of the text.
+fn count_sentences(text: &str, ascii: bool) -> usize {
+    if ascii {
+        let b = text.as_bytes();
+        return memchr::memchr3_iter(b'.', b'!', b'?', b)
+            .filter(|&i| b.get(i + 1).is_none_or(|&c| is_ascii_space(c)))
+            .count();
+    }
     let mut n = 0;
     let mut prev_terminal = false;
-    if text.is_ascii() {
-        for &b in text.as_bytes() {
-            let t = matches!(b, b'.' | b'!' | b'?');
-            // `char::is_whitespace` on ASCII, vertical tab included.
-            if !t && prev_terminal && matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r') {
-                n += 1;
-            }
-            prev_terminal = t;
-        }
-        return n + usize::from(prev_terminal);
-    }
     for c in text.chars() {
         let t = matches!(c, '.' | '!' | '?' | '。' | '！' | '？');
         if !t && prev_terminal && (c.is_whitespace()) {
@@ -642,9 +619,67 @@ fn count_sentences(text: &str) -> usize {
     n
 }
 
+/// `char::is_whitespace` on an ASCII byte (vertical tab included).
+fn is_ascii_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')
+}
+
+/// `text.split_whitespace()`, by bytes when the text is ASCII.
+fn split_words(text: &str, ascii: bool) -> Vec<&str> {
+    if !ascii {
+        return text.split_whitespace().collect();
+    }
+    let b = text.as_bytes();
+    let mut words = Vec::with_capacity(b.len() / 5);
+    let mut i = 0;
+    while i < b.len() {
+        while i < b.len() && is_ascii_space(b[i]) {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && !is_ascii_space(b[i]) {
+            i += 1;
+        }
+        if i > start {
+            words.push(&text[start..i]);
+        }
+    }
+    words
+}
+
+/// `w.trim_matches(|c: char| !c.is_ascii_alphanumeric())` for an ASCII word.
+fn trim_ascii_non_alphanumeric(w: &str) -> &str {
+    let b = w.as_bytes();
+    let Some(start) = b.iter().position(u8::is_ascii_alphanumeric) else {
+        return "";
+    };
+    let end = b
+        .iter()
+        .rposition(u8::is_ascii_alphanumeric)
+        .unwrap_or(start);
+    &w[start..=end]
+}
+
+/// `text.split("\n\n")`.
+fn split_paragraphs(text: &str) -> impl Iterator<Item = &str> {
+    let mut start = 0;
+    memchr::memmem::find_iter(text.as_bytes(), b"\n\n")
+        .map(Some)
+        .chain([None])
+        .map(move |at| {
+            let end = at.unwrap_or(text.len());
+            let p = &text[start..end];
+            start = end + 2;
+            p
+        })
+}
+
 /// Items that repeat an earlier one: how many, and their characters.
 fn duplicates(items: &[&str]) -> (usize, usize) {
-    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::with_capacity_and_hasher(
+        items.len(),
+        xxhash_rust::xxh3::Xxh3DefaultBuilder,
+    );
     let mut dup = 0;
     let mut chars = 0;
     for it in items {
@@ -654,6 +689,65 @@ fn duplicates(items: &[&str]) -> (usize, usize) {
         }
     }
     (dup, chars)
+}
+
+thread_local! {
+    static NGRAMS: std::cell::RefCell<Ngrams> = std::cell::RefCell::default();
+}
+
+/// Gopher's repetition rules over `words` (shares of the text's `bytes`, as datatrove computes
+/// them); the first that fires.
+fn repetition(words: &[&str], bytes: usize, on: &impl Fn(&str) -> bool) -> Option<Fired> {
+    let total = bytes.max(1) as f64;
+    NGRAMS.with_borrow_mut(|g| {
+        g.start(
+            words
+                .iter()
+                .map(|w| (xxhash_rust::xxh3::xxh3_64(w.as_bytes()), w.len())),
+        );
+        // No longer n-gram repeats once one length has none: the remaining lengths are skipped.
+        for (n, thr, rule) in [
+            (2, 0.20, "gopher_rep_top_2gram"),
+            (3, 0.18, "gopher_rep_top_3gram"),
+            (4, 0.16, "gopher_rep_top_4gram"),
+        ] {
+            let repeats = g.grow();
+            let share = g.top() as f64 / total;
+            if share > thr && on(rule) {
+                return Some(Fired {
+                    rule,
+                    detail: format!(
+                        "the most frequent {n}-gram covers {share:.3} of the characters, more than {thr}"
+                    ),
+                });
+            }
+            if !repeats {
+                return None;
+            }
+        }
+        for (n, thr, rule) in [
+            (5, 0.15, "gopher_rep_dup_5gram"),
+            (6, 0.14, "gopher_rep_dup_6gram"),
+            (7, 0.13, "gopher_rep_dup_7gram"),
+            (8, 0.12, "gopher_rep_dup_8gram"),
+            (9, 0.11, "gopher_rep_dup_9gram"),
+            (10, 0.10, "gopher_rep_dup_10gram"),
+        ] {
+            if !g.grow() {
+                return None;
+            }
+            let share = g.duplicated() as f64 / total;
+            if share > thr && on(rule) {
+                return Some(Fired {
+                    rule,
+                    detail: format!(
+                        "repeated {n}-grams cover {share:.3} of the characters, more than {thr}"
+                    ),
+                });
+            }
+        }
+        None
+    })
 }
 
 /// Counts of n-gram hashes: an open-addressing table reused across n-gram lengths and texts
@@ -679,81 +773,153 @@ impl NgramCounts {
         self.used.clear();
     }
 
-    /// Counts `key` seen at position `at`; returns its count so far.
-    fn add(&mut self, key: u64, at: usize) -> u32 {
+    /// Counts `key` seen at position `at`; returns its slot.
+    fn add(&mut self, key: u64, at: u32) -> u32 {
         let mask = self.slots.len() - 1;
         let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & mask;
         loop {
             let slot = &mut self.slots[i];
             if slot.1 == 0 {
-                *slot = (key, 1, at as u32);
+                *slot = (key, 1, at);
                 self.used.push(i as u32);
-                return 1;
+                return i as u32;
             }
             if slot.0 == key {
                 slot.1 += 1;
-                return slot.1;
+                return i as u32;
             }
             i = (i + 1) & mask;
         }
     }
 
+    fn count(&self, slot: u32) -> u32 {
+        self.slots[slot as usize].1
+    }
+
     /// (count, first position) of every key counted.
-    fn entries(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+    fn entries(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
         self.used.iter().map(|&i| {
             let (_, c, at) = self.slots[i as usize];
-            (c as usize, at as usize)
+            (c, at)
         })
     }
 }
 
-/// The hash of the `n` words from `i` (words are given by their hashes).
-fn ngram_hash(hashes: &[u64], i: usize, n: usize) -> u64 {
-    let mut h = n as u64;
-    for w in &hashes[i..i + n] {
-        h = (h.rotate_left(23) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-    h ^ (h >> 29)
+/// Gopher's repetition measures over a text's words, one n-gram length after the other
+/// (datatrove's `find_top_duplicate` and `find_all_duplicate`; an n-gram is its sequence of
+/// words, its characters those of its words). An n-gram can repeat only where the (n−1)-gram at
+/// the same position repeats, so each length extends the hashes and counts only at the positions
+/// where the previous length repeated: in prose most positions drop out after two or three words.
+#[derive(Default)]
+struct Ngrams {
+    /// Word hashes.
+    words: Vec<u64>,
+    /// `ends[i]`: bytes in the words before word `i` (one more entry than words).
+    ends: Vec<u32>,
+    /// The n-gram length reached.
+    n: usize,
+    /// Positions whose n-gram occurs more than once, ascending.
+    cand: Vec<u32>,
+    /// The hash of the n-gram at each candidate.
+    hash: Vec<u64>,
+    /// The count slot of each candidate counted in the last step.
+    slots: Vec<u32>,
+    counts: NgramCounts,
+    seen: NgramCounts,
 }
 
-/// Characters of the most frequent repeated `n`-gram times its count (datatrove's
-/// `find_top_duplicate`; n-grams are the words joined without spaces).
-fn top_ngram_share(hashes: &[u64], lens: &[usize], n: usize, counts: &mut NgramCounts) -> f64 {
-    if hashes.len() < n {
-        return 0.0;
-    }
-    counts.reset(hashes.len() - n + 1);
-    for i in 0..=hashes.len() - n {
-        counts.add(ngram_hash(hashes, i, n), i);
-    }
-    // Only an n-gram that repeats counts (datatrove also counts a single occurrence, which on a
-    // short text such as a Q&A pair is most of the text).
-    counts
-        .entries()
-        .filter(|(c, _)| *c > 1)
-        .map(|(c, at)| c * lens[at..at + n].iter().sum::<usize>())
-        .max()
-        .unwrap_or(0) as f64
-}
-
-/// Characters of repeated `n`-grams: scanning left to right, an n-gram seen before adds its
-/// characters and the scan jumps past it (datatrove's `find_all_duplicate`).
-fn dup_ngram_chars(hashes: &[u64], lens: &[usize], n: usize, seen: &mut NgramCounts) -> f64 {
-    if hashes.len() < n {
-        return 0.0;
-    }
-    seen.reset(hashes.len() - n + 1);
-    let mut chars = 0usize;
-    let mut i = 0;
-    while i + n <= hashes.len() {
-        if seen.add(ngram_hash(hashes, i, n), i) > 1 {
-            chars += lens[i..i + n].iter().sum::<usize>();
-            i += n;
-        } else {
-            i += 1;
+impl Ngrams {
+    /// Starts over on a text's words (hashes and byte lengths), at length 1 with every position a
+    /// candidate.
+    fn start(&mut self, words: impl Iterator<Item = (u64, usize)>) {
+        self.words.clear();
+        self.ends.clear();
+        self.ends.push(0);
+        let mut end = 0u32;
+        for (h, len) in words {
+            self.words.push(h);
+            end = end.saturating_add(len as u32);
+            self.ends.push(end);
         }
+        self.n = 1;
+        self.hash.clear();
+        self.hash
+            .extend(self.words.iter().map(|w| mix(0x243F_6A88_85A3_08D3, *w)));
+        self.cand.clear();
+        self.cand.extend(0..self.words.len() as u32);
     }
-    chars as f64
+
+    /// Bytes in the `n` words from `i`.
+    fn chars(&self, i: u32) -> usize {
+        (self.ends[i as usize + self.n] - self.ends[i as usize]) as usize
+    }
+
+    /// Moves to n-grams one word longer; false when none of them repeats.
+    fn grow(&mut self) -> bool {
+        self.n += 1;
+        let n = self.n;
+        let len = self.words.len();
+        while self.cand.last().is_some_and(|&i| i as usize + n > len) {
+            self.cand.pop();
+        }
+        self.counts.reset(self.cand.len());
+        self.slots.clear();
+        for (h, &i) in self.hash.iter_mut().zip(&self.cand) {
+            *h = mix(*h, self.words[i as usize + n - 1]);
+            self.slots.push(self.counts.add(*h, i));
+        }
+        // Keep the candidates whose n-gram occurred more than once.
+        let mut kept = 0;
+        for j in 0..self.slots.len() {
+            if self.counts.count(self.slots[j]) > 1 {
+                self.cand[kept] = self.cand[j];
+                self.hash[kept] = self.hash[j];
+                kept += 1;
+            }
+        }
+        self.cand.truncate(kept);
+        self.hash.truncate(kept);
+        kept > 0
+    }
+
+    /// The most frequent repeated n-gram's characters times its count (0 when none repeats).
+    fn top(&self) -> usize {
+        self.counts
+            .entries()
+            .filter(|(c, _)| *c > 1)
+            .map(|(c, at)| c as usize * self.chars(at))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Characters of repeated n-grams: scanning left to right, an n-gram seen before adds its
+    /// characters and the scan jumps past it.
+    fn duplicated(&mut self) -> usize {
+        self.seen.reset(self.cand.len());
+        let mut chars = 0;
+        // The scan's next position. An n-gram that occurs once is never seen before (nor later,
+        // so it need not be kept): the scan steps over it, straight to the next candidate.
+        let mut next = 0;
+        for (&i, &h) in self.cand.iter().zip(&self.hash) {
+            if i < next {
+                continue;
+            }
+            let slot = self.seen.add(h, i);
+            if self.seen.count(slot) > 1 {
+                chars += self.chars(i);
+                next = i + self.n as u32;
+            } else {
+                next = i + 1;
+            }
+        }
+        chars
+    }
+}
+
+/// One step of an n-gram hash: the hash so far and the next word's.
+fn mix(h: u64, w: u64) -> u64 {
+    let h = (h.rotate_left(23) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^ (h >> 29)
 }
 
 // ASCII classes and word boundaries (`(?-u)`): the addresses and numbers masked are ASCII, and a
@@ -936,7 +1102,12 @@ mod tests {
 
     #[test]
     fn word_lists_match_in_any_case_and_nothing_else() {
-        let stats = |text: &str| WordStats::of(&text.split_whitespace().collect::<Vec<_>>());
+        let stats = |text: &str| {
+            WordStats::of(
+                &text.split_whitespace().collect::<Vec<_>>(),
+                text.is_ascii(),
+            )
+        };
         for w in STOP_WORDS {
             assert!(is_stop_word(w.as_bytes()), "{w}");
             assert_eq!(stats(&format!("({})", w.to_uppercase())).stop, 1, "{w}");
@@ -976,27 +1147,80 @@ mod tests {
     proptest! {
         #[test]
         fn ascii_sentences_count_as_by_char(text in "[a .!?\t\n\x0b\x0c\r]{0,200}") {
-            prop_assert_eq!(count_sentences(&text), count_sentences_by_char(&text));
+            prop_assert_eq!(count_sentences(&text, true), count_sentences_by_char(&text));
         }
 
-        /// The repetition rules stop at the first n-gram length with no repeat: no longer n-gram
-        /// can repeat then. Checked on texts from a small vocabulary (many repeats).
+        /// The byte scans of ASCII texts split and trim as `str`'s methods do.
         #[test]
-        fn no_repeat_at_one_length_means_none_at_longer_ones(
+        fn ascii_scans_split_as_str_does(text in "[ab .\t\n\x0b\x0c\r#-]{0,120}") {
+            prop_assert_eq!(split_words(&text, true), text.split_whitespace().collect::<Vec<_>>());
+            prop_assert_eq!(
+                split_paragraphs(&text).collect::<Vec<_>>(),
+                text.split("\n\n").collect::<Vec<_>>()
+            );
+            for w in text.split_whitespace() {
+                prop_assert_eq!(
+                    trim_ascii_non_alphanumeric(w),
+                    w.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+                );
+            }
+        }
+
+        /// The pruned n-gram scan gives datatrove's measures at every length, computed here the
+        /// plain way on the words themselves. Texts from a small vocabulary (many repeats).
+        #[test]
+        fn ngram_measures_match_the_plain_computation(
             words in proptest::collection::vec(0usize..6, 0..80)
         ) {
             let vocab = ["a", "bb", "ccc", "dddd", "ee", "f"];
-            let hashes: Vec<u64> = words.iter().map(|&w| xxhash_rust::xxh3::xxh3_64(vocab[w].as_bytes())).collect();
-            let lens: Vec<usize> = words.iter().map(|&w| vocab[w].len()).collect();
-            let mut m = NgramCounts::default();
-            let mut shares: Vec<f64> = (2..=4)
-                .map(|g| top_ngram_share(&hashes, &lens, g, &mut m))
-                .collect();
-            shares.extend((5..=10).map(|g| dup_ngram_chars(&hashes, &lens, g, &mut m)));
-            for pair in shares.windows(2) {
-                prop_assert!(pair[0] > 0.0 || pair[1] == 0.0, "{shares:?}");
+            let words: Vec<&str> = words.iter().map(|&w| vocab[w]).collect();
+            let mut g = Ngrams::default();
+            g.start(words.iter().map(|w| (xxhash_rust::xxh3::xxh3_64(w.as_bytes()), w.len())));
+            let mut stopped = false;
+            for n in 2..=10 {
+                let repeats = !stopped && g.grow();
+                let (top, dup) = if stopped { (0, 0) } else { (g.top(), g.duplicated()) };
+                prop_assert_eq!(top, plain_top(&words, n), "top {}-gram", n);
+                prop_assert_eq!(dup, plain_duplicated(&words, n), "duplicated {}-grams", n);
+                // Once no n-gram repeats, no longer one does.
+                stopped = !repeats;
             }
         }
+    }
+
+    fn chars(gram: &[&str]) -> usize {
+        gram.iter().map(|w| w.len()).sum()
+    }
+
+    /// datatrove's `find_top_duplicate`, counting only n-grams that repeat.
+    fn plain_top(words: &[&str], n: usize) -> usize {
+        let mut counts: std::collections::HashMap<&[&str], usize> = Default::default();
+        for gram in words.windows(n) {
+            *counts.entry(gram).or_default() += 1;
+        }
+        counts
+            .iter()
+            .filter(|(_, c)| **c > 1)
+            .map(|(g, c)| c * chars(g))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// datatrove's `find_all_duplicate`.
+    fn plain_duplicated(words: &[&str], n: usize) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let (mut total, mut i) = (0, 0);
+        while i + n <= words.len() {
+            let gram = &words[i..i + n];
+            if seen.contains(gram) {
+                total += chars(gram);
+                i += n;
+            } else {
+                seen.insert(gram);
+                i += 1;
+            }
+        }
+        total
     }
 
     #[test]

@@ -107,8 +107,10 @@ pub fn contribution_struct_hash(
     issued_at: u64,
     expires_at: u64,
 ) -> [u8; 32] {
+    static TYPE_HASH: std::sync::LazyLock<[u8; 32]> =
+        std::sync::LazyLock::new(|| keccak256(CONTRIBUTION_TYPE.as_bytes()));
     let mut enc = Vec::with_capacity(7 * 32);
-    enc.extend_from_slice(&keccak256(CONTRIBUTION_TYPE.as_bytes()));
+    enc.extend_from_slice(&*TYPE_HASH);
     enc.extend_from_slice(&keccak256(datanet.as_bytes()));
     enc.extend_from_slice(content_hash);
     enc.extend_from_slice(metadata_hash);
