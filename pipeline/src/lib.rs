@@ -35,6 +35,14 @@ pub mod wallet;
 /// faulted in page by page, which cost about a quarter of a CPU training step (measured with
 /// `benchmarks/train.sh`). Blocks up to 256 MiB come from the heap, and up to 1 GiB of free heap
 /// is kept. The binary and the benchmark examples call this first thing.
+///
+/// The binary's allocator is mimalloc, which hands memory unused for a second back to the kernel
+/// (`purge_delay`). The streaming stages free and allocate batch buffers of megabytes all the
+/// time, so the same pages went back and were faulted in again, zeroed by the kernel. The
+/// cleaning job at 1,000,000 contributions (dev build, three runs each, alternating) spent 79.3
+/// CPU-seconds on average with purging and 75.9 without (system time 9.0 → 6.2), 46.3 s → 44.8 s
+/// of wall time, at a peak RSS of 820 MB → 930 MB. Purging is off unless `MIMALLOC_PURGE_DELAY`
+/// (milliseconds) says otherwise.
 #[allow(unsafe_code)]
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -42,6 +50,12 @@ pub fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (v2 and v3 alike).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one allocator option; no memory is read or written.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
 }
 
