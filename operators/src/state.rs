@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::operator::OperatorError;
@@ -389,27 +389,143 @@ impl Decision {
 }
 
 /// The journal of one stage: decisions by Kafka (partition, offset), pending ones in memory.
+///
+/// On disk a flush writes one entry per partition: the decisions it took, packed (offsets as
+/// deltas, an accepted record's decision empty: about two bytes a record), keyed by
+/// `(partition, last offset)`. Pruning drops the entries that end below a partition's committed
+/// offset and rewrites the one that straddles it. (One B-tree entry per decision, the layout
+/// before, cost every record an insert and a delete in each stateful stage: ~4 % of the cleaning
+/// job's CPU.)
 pub struct Journal {
     table: String,
     pending: Mutex<Layered<JournalPending>>,
 }
 
+/// The decisions of one partition in one layer, in the order taken.
+#[derive(Default)]
+struct PartitionLog {
+    offsets: Vec<i64>,
+    /// End of each decision's encoding in `bytes`.
+    ends: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+impl PartitionLog {
+    fn push(&mut self, offset: i64, decision: &[u8]) {
+        self.offsets.push(offset);
+        self.bytes.extend_from_slice(decision);
+        self.ends.push(self.bytes.len() as u32);
+    }
+
+    /// (offset, encoded decision) in the order recorded.
+    fn iter(&self) -> impl Iterator<Item = (i64, &[u8])> + '_ {
+        self.offsets.iter().enumerate().map(|(i, &o)| {
+            let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+            (o, &self.bytes[start..self.ends[i] as usize])
+        })
+    }
+}
+
 #[derive(Default)]
 struct JournalPending {
-    decisions: BTreeMap<(i32, i64), Vec<u8>>,
+    decisions: BTreeMap<i32, PartitionLog>,
     bytes: usize,
     /// Per partition: journal entries below this offset are committed and can go.
     prune_below: HashMap<i32, i64>,
 }
 
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// A journal entry: `(offset, decision)` pairs by ascending offset, each offset a delta from the
+/// one before (the first from 0), each decision its length and bytes.
+fn pack<'a>(decisions: impl IntoIterator<Item = (i64, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut prev = 0i64;
+    for (o, d) in decisions {
+        put_varint(&mut out, (o - prev) as u64);
+        put_varint(&mut out, d.len() as u64);
+        out.extend_from_slice(d);
+        prev = o;
+    }
+    out
+}
+
+/// The pairs of a journal entry, `None` where it is cut short.
+fn unpack(bytes: &[u8]) -> impl Iterator<Item = Option<(i64, &[u8])>> + '_ {
+    let mut at = 0;
+    let mut prev = 0i64;
+    std::iter::from_fn(move || {
+        if at >= bytes.len() {
+            return None;
+        }
+        let item = (|| {
+            let o = prev.checked_add(get_varint(bytes, &mut at)? as i64)?;
+            let len = get_varint(bytes, &mut at)? as usize;
+            let d = bytes.get(at..at.checked_add(len)?)?;
+            at += len;
+            prev = o;
+            Some((o, d))
+        })();
+        if item.is_none() {
+            at = bytes.len();
+        }
+        Some(item)
+    })
+}
+
 impl Journal {
-    /// The journal of stage `stage`, registered with `db` for flushes.
+    /// The journal of stage `stage`, registered with `db` for flushes. A journal in the layout
+    /// before (`{stage}/journal`, one entry per decision) is packed at open.
     pub fn open(db: &StateDb, stage: &str) -> Result<Arc<Journal>, StateError> {
         let j = Arc::new(Journal {
-            table: format!("{stage}/journal"),
+            table: format!("{stage}/journal_packed"),
             pending: Mutex::new(Layered::default()),
         });
-        db.ensure_table(j.def())?;
+        let err = |e: redb::Error| StateError::db(db.path(), e);
+        {
+            let _one = lock(&db.flush_lock);
+            let txn = db.db.begin_write().map_err(|e| err(e.into()))?;
+            let legacy_name = format!("{stage}/journal");
+            let legacy: TableDefinition<'_, (i32, i64), &'static [u8]> =
+                TableDefinition::new(&legacy_name);
+            {
+                let old = txn.open_table(legacy).map_err(|e| err(e.into()))?;
+                let mut parts: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+                for item in old.iter().map_err(|e| err(e.into()))? {
+                    let (k, v) = item.map_err(|e| err(e.into()))?;
+                    let (p, o) = k.value();
+                    parts.entry(p).or_default().push((o, v.value().to_vec()));
+                }
+                let mut t = txn.open_table(j.def()).map_err(|e| err(e.into()))?;
+                for (p, ds) in parts {
+                    let last = ds.last().map_or(0, |(o, _)| *o);
+                    let packed = pack(ds.iter().map(|(o, d)| (*o, d.as_slice())));
+                    t.insert((p, last), packed.as_slice())
+                        .map_err(|e| err(e.into()))?;
+                }
+            }
+            txn.delete_table(legacy).map_err(|e| err(e.into()))?;
+            txn.commit().map_err(|e| err(e.into()))?;
+        }
         db.register(j.clone());
         Ok(j)
     }
@@ -422,8 +538,11 @@ impl Journal {
     pub fn record(&self, partition: i32, offset: i64, decision: &Decision) {
         let bytes = decision.encode();
         let p = &mut lock(&self.pending).current;
-        p.bytes += bytes.len() + 24;
-        p.decisions.insert((partition, offset), bytes);
+        p.bytes += bytes.len() + 12;
+        p.decisions
+            .entry(partition)
+            .or_default()
+            .push(offset, &bytes);
     }
 
     /// The decisions already taken for `partition` at or after `from` (durable or pending): what a
@@ -442,24 +561,35 @@ impl Journal {
         let t = txn
             .open_table(self.def())
             .map_err(|e| StateError::db(db.path(), e))?;
+        let corrupt =
+            || StateError::db(db.path(), format!("{}: an entry is cut short", self.table));
+        // (An offset in two entries has the same decision in both: a replayed record's decision
+        // is recorded again as it was.)
         for item in t
             .range((partition, from)..=(partition, i64::MAX))
             .map_err(|e| StateError::db(db.path(), e))?
         {
-            let (k, v) = item.map_err(|e| StateError::db(db.path(), e))?;
-            if let Some(d) = Decision::decode(v.value()) {
-                out.insert(k.value().1, d);
+            let (_, v) = item.map_err(|e| StateError::db(db.path(), e))?;
+            for pair in unpack(v.value()) {
+                let (o, d) = pair.ok_or_else(corrupt)?;
+                if o >= from {
+                    if let Some(d) = Decision::decode(d) {
+                        out.insert(o, d);
+                    }
+                }
             }
         }
         let p = lock(&self.pending);
         // Oldest first, so newer layers win.
         for layer in p.frozen.as_deref().into_iter().chain([&p.current]) {
-            for ((_, o), v) in layer
-                .decisions
-                .range((partition, from)..=(partition, i64::MAX))
-            {
-                if let Some(d) = Decision::decode(v) {
-                    out.insert(*o, d);
+            let Some(log) = layer.decisions.get(&partition) else {
+                continue;
+            };
+            for (o, v) in log.iter() {
+                if o >= from {
+                    if let Some(d) = Decision::decode(v) {
+                        out.insert(o, d);
+                    }
                 }
             }
         }
@@ -489,11 +619,72 @@ impl Flushable for Journal {
             return Ok(());
         };
         let mut t = txn.open_table(self.def())?;
-        for ((part, off), v) in &p.decisions {
-            t.insert((*part, *off), v.as_slice())?;
+        for (part, log) in &p.decisions {
+            // By offset, the last decision recorded for an offset kept (a replayed record's
+            // decision is recorded again).
+            let mut pairs: Vec<(i64, &[u8])> = log.iter().collect();
+            pairs.sort_by_key(|(o, _)| *o);
+            let mut kept: Vec<(i64, &[u8])> = Vec::with_capacity(pairs.len());
+            for pair in pairs {
+                match kept.last_mut() {
+                    Some(last) if last.0 == pair.0 => *last = pair,
+                    _ => kept.push(pair),
+                }
+            }
+            let Some(&(last, _)) = kept.last() else {
+                continue;
+            };
+            // An entry of the same partition and last offset (a replay that decided nothing
+            // new) is folded in, older decisions first.
+            let mut packed = Vec::new();
+            if let Some(old) = t.get((*part, last))? {
+                let mut merged: BTreeMap<i64, Vec<u8>> = BTreeMap::new();
+                for pair in unpack(old.value()) {
+                    let (o, d) = pair.ok_or_else(|| {
+                        redb::Error::Corrupted(format!("{}: an entry is cut short", self.table))
+                    })?;
+                    merged.insert(o, d.to_vec());
+                }
+                for (o, d) in &kept {
+                    merged.insert(*o, d.to_vec());
+                }
+                packed = pack(merged.iter().map(|(o, d)| (*o, d.as_slice())));
+            }
+            if packed.is_empty() {
+                packed = pack(kept);
+            }
+            t.insert((*part, last), packed.as_slice())?;
         }
         for (part, below) in &p.prune_below {
             t.retain_in((*part, i64::MIN)..(*part, *below), |_, _| false)?;
+            // The first entry left may begin below the committed offset: cut it.
+            let straddling = match t.range((*part, *below)..=(*part, i64::MAX))?.next() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    let mut pairs = Vec::new();
+                    let mut cut = false;
+                    for pair in unpack(v.value()) {
+                        let (o, d) = pair.ok_or_else(|| {
+                            redb::Error::Corrupted(format!("{}: an entry is cut short", self.table))
+                        })?;
+                        if o < *below {
+                            cut = true;
+                        } else {
+                            pairs.push((o, d.to_vec()));
+                        }
+                    }
+                    cut.then(|| {
+                        (
+                            k.value(),
+                            pack(pairs.iter().map(|(o, d)| (*o, d.as_slice()))),
+                        )
+                    })
+                }
+                None => None,
+            };
+            if let Some((key, packed)) = straddling {
+                t.insert(key, packed.as_slice())?;
+            }
         }
         Ok(())
     }
@@ -686,6 +877,124 @@ mod tests {
         db.flush(false).unwrap();
         assert_eq!(j.replay_from(&db, 0, 0).unwrap().len(), 1);
         assert_eq!(j.replay_from(&db, 1, 0).unwrap().len(), 1);
+    }
+
+    /// Decisions recorded over many flushes, some records replayed (recorded again), partitions
+    /// committed as they go: a resume at any offset at or after the committed one replays
+    /// exactly the decisions taken from there, through reopens of the store.
+    #[test]
+    fn the_packed_journal_replays_what_was_decided() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let mut j = Journal::open(&db, "near").unwrap();
+        let mut model: BTreeMap<(i32, i64), Decision> = BTreeMap::new();
+        let mut next = [0i64; 3];
+        let mut committed = [0i64; 3];
+        for round in 0..60 {
+            for _ in 0..rng.gen_range(0..200) {
+                let p = rng.gen_range(0..3);
+                let (o, d) = if rng.gen_bool(0.1) && next[p as usize] > committed[p as usize] {
+                    // A replayed record: its decision again.
+                    let o = rng.gen_range(committed[p as usize]..next[p as usize]);
+                    let Some(d) = model.get(&(p, o)) else {
+                        continue;
+                    };
+                    (o, d.clone())
+                } else {
+                    let o = next[p as usize];
+                    next[p as usize] += rng.gen_range(1..4);
+                    let d = if rng.gen_bool(0.8) {
+                        Decision::Accept
+                    } else {
+                        Decision::reject("duplicate_exact", format!("round {round}"))
+                    };
+                    (o, d)
+                };
+                j.record(p, o, &d);
+                model.insert((p, o), d);
+            }
+            if rng.gen_bool(0.3) {
+                let p = rng.gen_range(0..3);
+                let c = rng.gen_range(committed[p as usize]..=next[p as usize]);
+                committed[p as usize] = c;
+                j.committed_below(p, c);
+            }
+            db.flush(rng.gen_bool(0.5)).unwrap();
+            if round % 20 == 19 {
+                drop(j);
+                drop(db);
+                db = StateDb::open(dir.path(), 1 << 20).unwrap();
+                j = Journal::open(&db, "near").unwrap();
+            }
+            for p in 0..3 {
+                let from = rng.gen_range(committed[p as usize]..=next[p as usize]);
+                let got = j.replay_from(&db, p, from).unwrap();
+                let want: BTreeMap<i64, Decision> = model
+                    .range((p, from)..=(p, i64::MAX))
+                    .map(|((_, o), d)| (*o, d.clone()))
+                    .collect();
+                assert_eq!(got, want, "round {round}, partition {p} from {from}");
+            }
+        }
+        // Pruning keeps the table to what may still be replayed.
+        let txn = db.db().begin_read().unwrap();
+        let t = txn.open_table(j.def()).unwrap();
+        let mut entries = 0;
+        for item in t.iter().unwrap() {
+            let (k, _) = item.unwrap();
+            let (p, last) = k.value();
+            assert!(last >= committed[p as usize], "{p} {last} {committed:?}");
+            entries += 1;
+        }
+        assert!(entries <= 3 * 60, "{entries} entries");
+    }
+
+    #[test]
+    fn a_journal_of_one_entry_per_decision_is_packed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let legacy: TableDefinition<'_, (i32, i64), &'static [u8]> =
+            TableDefinition::new("exact/journal");
+        let refused = Decision::reject("duplicate_exact", "same text");
+        let txn = db.db().begin_write().unwrap();
+        {
+            let mut t = txn.open_table(legacy).unwrap();
+            for o in 0..100i64 {
+                let d = if o % 7 == 0 {
+                    refused.encode()
+                } else {
+                    Vec::new()
+                };
+                t.insert((o as i32 % 2, o), d.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let j = Journal::open(&db, "exact").unwrap();
+        let r = j.replay_from(&db, 0, 10).unwrap();
+        assert_eq!(r.len(), 45);
+        assert_eq!(r[&14], refused);
+        assert_eq!(r[&12], Decision::Accept);
+        let txn = db.db().begin_read().unwrap();
+        assert!(matches!(
+            txn.open_table(legacy),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn packed_entries_round_trip_and_cut_bytes_never_panic(
+            pairs in proptest::collection::btree_map(0i64..1 << 40, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), 0..30),
+            cut in 0usize..2000,
+        ) {
+            let packed = pack(pairs.iter().map(|(o, d)| (*o, d.as_slice())));
+            let back: Vec<(i64, Vec<u8>)> = unpack(&packed).map(|p| { let (o, d) = p.unwrap(); (o, d.to_vec()) }).collect();
+            proptest::prop_assert_eq!(back, pairs.into_iter().collect::<Vec<_>>());
+            let short = &packed[..cut.min(packed.len())];
+            let _ = unpack(short).count();
+        }
     }
 
     #[test]
