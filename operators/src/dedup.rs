@@ -32,7 +32,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::band_runs::{BandRuns, DiskBands, RunTables};
 use crate::filter::{key64, KeyFilter};
 use crate::key_runs::KeyRuns;
-use crate::minhash::{band_keys, estimate, exact_key, normalize, MinHasher};
+use crate::minhash::{band_keys, estimate, exact_key_of, MinHasher};
 use crate::operator::{
     Barrier, Collector, Operator, OperatorContext, OperatorError, Settled, StageEnv, StageFactory,
 };
@@ -372,7 +372,7 @@ impl Operator for Exact {
         let stage = ctx.stage.clone();
         let err = |e: &dyn std::fmt::Display| op_err(&stage, e);
         let keys: Vec<[u8; 16]> = self.carry.take_or(&rows, |i| {
-            exact_key(rows.datanet.value(i), &normalize(rows.content.value(i)))
+            exact_key_of(rows.datanet.value(i), rows.content.value(i))
         });
         let state = self.state.clone();
         let _deciding = state.db.deciding();

@@ -19,23 +19,36 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 /// NFC, lowercase, whitespace collapsed, trimmed.
 pub fn normalize(text: &str) -> String {
     if text.is_ascii() {
-        // ASCII is already NFC and lowercases byte by byte; its whitespace (as `char`) is
-        // tab, line feed, vertical tab, form feed, carriage return and space.
         let mut out = Vec::with_capacity(text.len());
-        let mut pending_space = false;
-        for &b in text.as_bytes() {
-            if matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ') {
-                pending_space = !out.is_empty();
-            } else {
-                if pending_space {
-                    out.push(b' ');
-                    pending_space = false;
-                }
-                out.push(b.to_ascii_lowercase());
-            }
-        }
+        normalize_ascii_into(text.as_bytes(), &mut out);
         return String::from_utf8(out).expect("ASCII in, ASCII out");
     }
+    normalize_unicode(text)
+}
+
+/// [`normalize`] of an ASCII text, appended to `out`. ASCII is already NFC and lowercases byte
+/// by byte; its whitespace (as `char`) is tab, line feed, vertical tab, form feed, carriage
+/// return and space.
+fn normalize_ascii_into(text: &[u8], out: &mut Vec<u8>) {
+    out.reserve(text.len());
+    let mut any = false;
+    let mut pending_space = false;
+    for &b in text {
+        if matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ') {
+            pending_space = any;
+        } else {
+            if pending_space {
+                out.push(b' ');
+                pending_space = false;
+            }
+            out.push(b.to_ascii_lowercase());
+            any = true;
+        }
+    }
+}
+
+/// [`normalize`] for any text.
+fn normalize_unicode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut pending_space = false;
     for c in text.nfc().flat_map(char::to_lowercase) {
@@ -59,6 +72,19 @@ pub fn exact_key(datanet: &str, normalized: &str) -> [u8; 16] {
     buf.extend_from_slice(datanet.as_bytes());
     buf.push(0);
     buf.extend_from_slice(normalized.as_bytes());
+    xxh3_128(&buf).to_le_bytes()
+}
+
+/// `exact_key(datanet, &normalize(text))`, an ASCII text normalised straight into the buffer
+/// hashed.
+pub fn exact_key_of(datanet: &str, text: &str) -> [u8; 16] {
+    if !text.is_ascii() {
+        return exact_key(datanet, &normalize_unicode(text));
+    }
+    let mut buf = Vec::with_capacity(datanet.len() + 1 + text.len());
+    buf.extend_from_slice(datanet.as_bytes());
+    buf.push(0);
+    normalize_ascii_into(text.as_bytes(), &mut buf);
     xxh3_128(&buf).to_le_bytes()
 }
 
@@ -326,6 +352,11 @@ mod tests {
 
     proptest! {
         #[test]
+        fn exact_keys_hash_the_normalised_text(text in ".{0,100}") {
+            prop_assert_eq!(exact_key_of("legal", &text), exact_key("legal", &normalize(&text)));
+        }
+
+        #[test]
         fn the_ascii_word_path_equals_the_unicode_one(text in "[ -~\t\n]{0,300}") {
             let (mut fast, mut general) = (Vec::new(), Vec::new());
             word_hashes(&text, &mut fast);
@@ -457,16 +488,8 @@ mod tests {
     proptest! {
         #[test]
         fn ascii_fast_path_matches_the_general_one(text in "[\\x00-\\x7f]{0,200}") {
-            let general: String = {
-                let mut out = String::new();
-                let mut pending = false;
-                for c in text.nfc().flat_map(char::to_lowercase) {
-                    if c.is_whitespace() { pending = !out.is_empty(); }
-                    else { if pending { out.push(' '); pending = false; } out.push(c); }
-                }
-                out
-            };
-            prop_assert_eq!(normalize(&text), general);
+            prop_assert_eq!(normalize(&text), normalize_unicode(&text));
+            prop_assert_eq!(exact_key_of("legal", &text), exact_key("legal", &normalize_unicode(&text)));
         }
 
         #[test]
