@@ -15,8 +15,9 @@ use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
 use arrow_array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
-use ledgerflow_schemas::contribution::Contribution;
+use ledgerflow_schemas::contribution::{keccak256, Contribution};
 use ledgerflow_schemas::hex0x;
+use ledgerflow_schemas::keccak::keccak256_many;
 use ledgerflow_schemas::tables::{contribution_schema, kafka_record_schema, missing_columns};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -118,6 +119,14 @@ impl DecodeError {
 
 /// Decodes one record value. Never panics, whatever the bytes.
 pub fn decode_message(value: &[u8], config: &DecodeConfig) -> Result<DecodedRow, DecodeError> {
+    let mut row = decode_unhashed(value, config)?;
+    row.content_hash = hex0x::encode(&keccak256(row.content.as_bytes()));
+    Ok(row)
+}
+
+/// [`decode_message`] without the content hash of a row decoded (an empty string): a batch's
+/// hashes are computed together ([`keccak256_many`]). A refusal has its hash.
+fn decode_unhashed(value: &[u8], config: &DecodeConfig) -> Result<DecodedRow, DecodeError> {
     if value.len() > config.max_message_bytes {
         return Err(DecodeError::new(
             "oversized",
@@ -137,11 +146,10 @@ pub fn decode_message(value: &[u8], config: &DecodeConfig) -> Result<DecodedRow,
             }
         }
     })?;
-    let content_hash = hex0x::encode(&c.content_hash());
     let refuse = |reason: &'static str, detail: String| DecodeError {
         reason,
         detail,
-        content_hash: Some(content_hash.clone()),
+        content_hash: Some(hex0x::encode(&c.content_hash())),
         contributor: None,
         datanet: Some(c.datanet.to_string()),
     };
@@ -206,7 +214,7 @@ pub fn decode_message(value: &[u8], config: &DecodeConfig) -> Result<DecodedRow,
         expires_at: c.expires_at,
         signature,
         contributor,
-        content_hash,
+        content_hash: String::new(),
     })
 }
 
@@ -254,15 +262,31 @@ impl Operator for DecodeContributions {
         let mut signature = StringBuilder::with_capacity(n, n * 132);
         let mut keep: Vec<u32> = Vec::with_capacity(n);
 
-        for i in 0..n {
+        let decoded: Vec<Result<DecodedRow, DecodeError>> = (0..n)
+            .map(|i| {
+                let value = if values.is_null(i) {
+                    &[][..]
+                } else {
+                    values.value(i)
+                };
+                decode_unhashed(value, &self.config)
+            })
+            .collect();
+        let contents: Vec<&[u8]> = decoded
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|row| row.content.as_bytes()))
+            .collect();
+        let mut hashes = keccak256_many(&contents).into_iter();
+        for (i, result) in decoded.into_iter().enumerate() {
             let value = if values.is_null(i) {
                 &[][..]
             } else {
                 values.value(i)
             };
-            match decode_message(value, &self.config) {
+            match result {
                 Ok(row) => {
-                    content_hash.append_value(&row.content_hash);
+                    let hash = hashes.next().expect("one hash per row decoded");
+                    content_hash.append_value(hex0x::encode(&hash));
                     datanet.append_value(&row.datanet);
                     contributor.append_value(&row.contributor);
                     content.append_value(&row.content);

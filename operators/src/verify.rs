@@ -20,8 +20,11 @@ use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use ledgerflow_schemas::contribution::{contribution_struct_hash, eip712_digest, keccak256};
+use ledgerflow_schemas::contribution::{
+    contribution_struct_encoding, eip712_digest_input, keccak256,
+};
 use ledgerflow_schemas::hex0x;
+use ledgerflow_schemas::keccak::keccak256_many;
 use redb::{ReadableDatabase, TableDefinition};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -351,34 +354,92 @@ impl KnownKeys {
 }
 
 impl Verify {
-    /// Everything about row `i`'s signature that needs no elliptic-curve arithmetic.
-    fn prepare(&self, rows: &Rows<'_>, i: usize) -> Prepared {
-        let Some(claimed) = hex0x::decode_fixed::<20>(rows.contributor.value(i)) else {
-            return refuse("schema", "contributor is not a 20-byte address".into());
-        };
-        let Some(content_hash) = hex0x::decode_fixed::<32>(rows.content_hash.value(i)) else {
-            return refuse("schema", "content_hash is not 32 bytes of hex".into());
-        };
-        let metadata_hash = rows
-            .metadata(i)
-            .map_or([0u8; 32], |m| keccak256(m.as_bytes()));
-        let struct_hash = contribution_struct_hash(
-            rows.datanet.value(i),
-            &content_hash,
-            &metadata_hash,
-            rows.nonce.value(i),
-            rows.issued_at.value(i),
-            rows.expires_at.value(i),
-        );
-        let digest = eip712_digest(&self.separator, &struct_hash);
-        match parse_signature_hex(rows.signature.value(i)) {
-            Ok(signature) => Prepared::Ready {
-                claimed,
-                digest,
-                signature,
-            },
-            Err(e) => refuse("bad_signature", e.to_string()),
+    /// Everything about each row's signature that needs no elliptic-curve arithmetic. The
+    /// hashes of the whole batch are computed together, stage by stage ([`keccak256_many`]).
+    fn prepare(&self, rows: &Rows<'_>) -> Vec<Prepared> {
+        struct Fields<'r> {
+            claimed: [u8; 20],
+            content_hash: [u8; 32],
+            metadata: Option<&'r str>,
         }
+        let fields: Vec<Result<Fields<'_>, Prepared>> = (0..rows.len())
+            .map(|i| {
+                let Some(claimed) = hex0x::decode_fixed::<20>(rows.contributor.value(i)) else {
+                    return Err(refuse(
+                        "schema",
+                        "contributor is not a 20-byte address".into(),
+                    ));
+                };
+                let Some(content_hash) = hex0x::decode_fixed::<32>(rows.content_hash.value(i))
+                else {
+                    return Err(refuse(
+                        "schema",
+                        "content_hash is not 32 bytes of hex".into(),
+                    ));
+                };
+                Ok(Fields {
+                    claimed,
+                    content_hash,
+                    metadata: rows.metadata(i),
+                })
+            })
+            .collect();
+        let metadata: Vec<&[u8]> = fields
+            .iter()
+            .filter_map(|f| f.as_ref().ok()?.metadata.map(str::as_bytes))
+            .collect();
+        let mut metadata_hashes = keccak256_many(&metadata).into_iter();
+        let mut datanet_hashes: HashMap<&str, [u8; 32]> = HashMap::new();
+        let encodings: Vec<[u8; 224]> = fields
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let f = f.as_ref().ok()?;
+                let metadata_hash = match f.metadata {
+                    Some(_) => metadata_hashes.next().expect("one hash per metadata"),
+                    None => [0u8; 32],
+                };
+                let datanet = rows.datanet.value(i);
+                let datanet_hash = *datanet_hashes
+                    .entry(datanet)
+                    .or_insert_with(|| keccak256(datanet.as_bytes()));
+                Some(contribution_struct_encoding(
+                    &datanet_hash,
+                    &f.content_hash,
+                    &metadata_hash,
+                    rows.nonce.value(i),
+                    rows.issued_at.value(i),
+                    rows.expires_at.value(i),
+                ))
+            })
+            .collect();
+        let struct_hashes =
+            keccak256_many(&encodings.iter().map(|e| e.as_slice()).collect::<Vec<_>>());
+        let inputs: Vec<[u8; 66]> = struct_hashes
+            .iter()
+            .map(|h| eip712_digest_input(&self.separator, h))
+            .collect();
+        let mut digests =
+            keccak256_many(&inputs.iter().map(|e| e.as_slice()).collect::<Vec<_>>()).into_iter();
+        fields
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let f = match f {
+                    Ok(f) => f,
+                    Err(refused) => return refused,
+                };
+                let digest = digests.next().expect("one digest per row prepared");
+                match parse_signature_hex(rows.signature.value(i)) {
+                    Ok(signature) => Prepared::Ready {
+                        claimed: f.claimed,
+                        digest,
+                        signature,
+                    },
+                    Err(e) => refuse("bad_signature", e.to_string()),
+                }
+            })
+            .collect()
     }
 
     /// Recovers row `i`'s signer one by one; a signer that is the contributor is `learnt`.
@@ -410,7 +471,7 @@ impl Verify {
     /// The signature outcome of every row: rows by contributors whose keys are known are
     /// checked in one batch, the rest (and any the batch does not prove) one by one.
     fn check_signatures(&self, rows: &Rows<'_>, ctx: &mut OperatorContext) -> Vec<SigOutcome> {
-        let prepared: Vec<Prepared> = (0..rows.len()).map(|i| self.prepare(rows, i)).collect();
+        let prepared = self.prepare(rows);
         let proven = self.state.known.prove(&prepared);
         let batched = proven.iter().filter(|p| **p).count();
         let ready = prepared

@@ -107,27 +107,53 @@ pub fn contribution_struct_hash(
     issued_at: u64,
     expires_at: u64,
 ) -> [u8; 32] {
+    keccak256(&contribution_struct_encoding(
+        &keccak256(datanet.as_bytes()),
+        content_hash,
+        metadata_hash,
+        nonce,
+        issued_at,
+        expires_at,
+    ))
+}
+
+/// `encodeData` of a contribution, whose keccak256 is its struct hash: the type hash, then
+/// keccak256 of the datanet, the content and metadata hashes, and the three numbers as 32-byte
+/// words.
+pub fn contribution_struct_encoding(
+    datanet_hash: &[u8; 32],
+    content_hash: &[u8; 32],
+    metadata_hash: &[u8; 32],
+    nonce: u64,
+    issued_at: u64,
+    expires_at: u64,
+) -> [u8; 224] {
     static TYPE_HASH: std::sync::LazyLock<[u8; 32]> =
         std::sync::LazyLock::new(|| keccak256(CONTRIBUTION_TYPE.as_bytes()));
-    let mut enc = Vec::with_capacity(7 * 32);
-    enc.extend_from_slice(&*TYPE_HASH);
-    enc.extend_from_slice(&keccak256(datanet.as_bytes()));
-    enc.extend_from_slice(content_hash);
-    enc.extend_from_slice(metadata_hash);
-    enc.extend_from_slice(&u256_word(nonce));
-    enc.extend_from_slice(&u256_word(issued_at));
-    enc.extend_from_slice(&u256_word(expires_at));
-    keccak256(&enc)
+    let mut enc = [0u8; 224];
+    enc[..32].copy_from_slice(&*TYPE_HASH);
+    enc[32..64].copy_from_slice(datanet_hash);
+    enc[64..96].copy_from_slice(content_hash);
+    enc[96..128].copy_from_slice(metadata_hash);
+    enc[128..160].copy_from_slice(&u256_word(nonce));
+    enc[160..192].copy_from_slice(&u256_word(issued_at));
+    enc[192..].copy_from_slice(&u256_word(expires_at));
+    enc
 }
 
 /// keccak256(0x19 0x01 ‖ domainSeparator ‖ structHash).
 pub fn eip712_digest(domain_separator: &[u8; 32], struct_hash: &[u8; 32]) -> [u8; 32] {
+    keccak256(&eip712_digest_input(domain_separator, struct_hash))
+}
+
+/// 0x19 0x01 ‖ domainSeparator ‖ structHash, the bytes [`eip712_digest`] hashes.
+pub fn eip712_digest_input(domain_separator: &[u8; 32], struct_hash: &[u8; 32]) -> [u8; 66] {
     let mut buf = [0u8; 66];
     buf[0] = 0x19;
     buf[1] = 0x01;
     buf[2..34].copy_from_slice(domain_separator);
     buf[34..].copy_from_slice(struct_hash);
-    keccak256(&buf)
+    buf
 }
 
 fn u256_word(v: u64) -> [u8; 32] {

@@ -15,4 +15,5 @@
 
 pub mod contribution;
 pub mod hex0x;
+pub mod keccak;
 pub mod tables;
