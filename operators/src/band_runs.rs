@@ -166,12 +166,7 @@ impl<'r> Cursor<'r> {
         if self.pos < self.entries.len() || self.next_block as usize >= self.run.firsts.len() {
             return Ok(());
         }
-        let block = blocks.get((self.run.id, self.next_block))?.ok_or_else(|| {
-            redb::Error::Corrupted(format!(
-                "band run {} lacks block {}",
-                self.run.id, self.next_block
-            ))
-        })?;
+        let block = crate::runs::block(blocks, "band", self.run.id, self.next_block)?;
         self.entries.clear();
         self.entries.extend(decode_block(block.value()));
         self.pos = 0;
@@ -239,12 +234,7 @@ impl DiskBands {
             // first block whose first key is it.
             let mut b = run.firsts.partition_point(|f| *f < key).saturating_sub(1);
             while b < run.firsts.len() && run.firsts[b] <= key {
-                let Some(block) = self.blocks.get((run.id, b as u32))? else {
-                    return Err(redb::Error::Corrupted(format!(
-                        "band run {} lacks block {b}",
-                        run.id
-                    )));
-                };
+                let block = crate::runs::block(&self.blocks, "band", run.id, b as u32)?;
                 let bytes = block.value();
                 let n = bytes.len() / ENTRY;
                 let key_at = |i: usize| word(&bytes[i * ENTRY..i * ENTRY + 8]);

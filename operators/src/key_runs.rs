@@ -272,12 +272,7 @@ impl<'r> Cursor<'r> {
         {
             return Ok(());
         }
-        let block = blocks.get((self.run.id, self.next_block))?.ok_or_else(|| {
-            redb::Error::Corrupted(format!(
-                "key run {} lacks block {}",
-                self.run.id, self.next_block
-            ))
-        })?;
+        let block = crate::runs::block(blocks, "key", self.run.id, self.next_block)?;
         self.block.clear();
         self.block.extend_from_slice(block.value());
         self.pos = 0;
@@ -317,13 +312,7 @@ impl KeyReader<'_> {
             if b == 0 {
                 continue;
             }
-            let Some(block) = self.blocks.get((run.id, b as u32 - 1))? else {
-                return Err(redb::Error::Corrupted(format!(
-                    "key run {} lacks block {}",
-                    run.id,
-                    b - 1
-                )));
-            };
+            let block = crate::runs::block(&self.blocks, "key", run.id, b as u32 - 1)?;
             let bytes = block.value();
             let n = bytes.len() / len;
             let key_at = |i: usize| &bytes[i * len..i * len + KEY];

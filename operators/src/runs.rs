@@ -59,6 +59,19 @@ impl FirstKey for [u8; 16] {
     }
 }
 
+/// Block `block` of run `run` of the `what` store (a run lacking one of its blocks is a corrupt
+/// store).
+pub fn block<'t>(
+    blocks: &'t impl ReadableTable<(u64, u32), &'static [u8]>,
+    what: &str,
+    run: u64,
+    block: u32,
+) -> Result<redb::AccessGuard<'t, &'static [u8]>, redb::Error> {
+    blocks
+        .get((run, block))?
+        .ok_or_else(|| redb::Error::Corrupted(format!("{what} run {run} lacks block {block}")))
+}
+
 /// One sorted run: its id, size and the first key of each block.
 #[derive(Debug)]
 pub struct Run<F> {
