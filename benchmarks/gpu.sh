@@ -6,6 +6,8 @@
 #                     GPU's projected per-example gradients against the CPU's (after pergrad);
 #   train             training tokens/s against PyTorch eager on the same GPU, and how far apart
 #                     the two loss curves are (benchmarks/train.sh, TRAIN_STEPS, default 300);
+#   train-composed    the same as train with LEDGERFLOW_CUDA_KERNELS=0: candle's composed ops and
+#                     AdamW instead of our CUDA kernels (what the kernels gain, same binary);
 #   train-cpu         the same training on the CPU, both sides (same binary, same batches): how far
 #                     our GPU and CPU loss curves are apart, and PyTorch's (after train);
 #   scoring           scoring over a 1,000,000 × 256 index in GPU memory against the GPU's copy
@@ -14,7 +16,7 @@
 #                     bytes per adapter (benchmarks/serve.sh 400 16 32).
 # Build first (on a machine with CUDA's nvcc; set CUDA_COMPUTE_CAP when it has no GPU):
 #   cargo build -p ledgerflow --features cuda --bin ledgerflow
-#   benchmarks/gpu.sh [STEP…]         default: all six, in that order
+#   benchmarks/gpu.sh [STEP…]         default: all seven, in that order
 # Uses the dev build (PROFILE=release for a release build) without rebuilding; torch and numpy
 # from $LEDGERFLOW_PYTHON (default python3). Everything is written to benchmarks/out/gpu.
 set -uo pipefail
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 export NO_BUILD=1 PROFILE=${PROFILE:-dev} LEDGERFLOW_DEVICE=${LEDGERFLOW_DEVICE:-cuda}
 export LEDGERFLOW_PYTHON=${LEDGERFLOW_PYTHON:-python3}
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(pergrad gradients-vs-cpu train train-cpu scoring serve)
+[ ${#steps[@]} -gt 0 ] || steps=(pergrad gradients-vs-cpu train train-composed train-cpu scoring serve)
 out=benchmarks/out/gpu
 mkdir -p "$out"
 . benchmarks/lib.sh
@@ -77,6 +79,9 @@ PY
 }
 pergrad() { benchmarks/pergrad.sh; }
 train() { benchmarks/train.sh "${TRAIN_STEPS:-300}"; }
+train-composed() {
+  LEDGERFLOW_CUDA_KERNELS=0 TRAIN_OUT=benchmarks/out/train-composed benchmarks/train.sh "${TRAIN_STEPS:-300}"
+}
 scoring() {
   "$lf" attribution bench --rows 1000000 --k 256 --threads "$(nproc)" || return
   # The GPU's memory bandwidth as PyTorch measures it on a buffer of the index's size.
@@ -116,11 +121,11 @@ serve() {
   grep -h -i -m 5 'error\|panic' benchmarks/out/serve/serve-*.log
   return $rc
 }
-export -f gradients-vs-cpu pergrad train train-cpu scoring serve
+export -f gradients-vs-cpu pergrad train train-composed train-cpu scoring serve
 
 for name in "${steps[@]}"; do
   case $name in
-    pergrad | train | train-cpu) limit=240 ;; serve) limit=300 ;; *) limit=120 ;;
+    pergrad | train | train-composed | train-cpu) limit=240 ;; serve) limit=300 ;; *) limit=120 ;;
   esac
   printf '\n== %s\n' "$name"
   t0=$SECONDS

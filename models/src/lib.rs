@@ -2,6 +2,9 @@
 //! rotary positions, SwiGLU) and [`train`] trains it from scratch on a Datanet's tokens,
 //! deterministically on CPU for a seed.
 
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // kernel launches and device buffers the kernels fill: FFI by nature
+pub mod cuda;
 pub mod generate;
 pub mod influence;
 pub mod logreg;

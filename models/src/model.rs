@@ -209,6 +209,10 @@ impl Proj {
         }
         let mut y = crate::ops::linear(x, &self.linear)?;
         if let Some(per_row) = &rows.per_row {
+            #[cfg(feature = "cuda")]
+            if let Some(out) = self.gathered_cuda(x, &y, per_row)? {
+                return Ok(out);
+            }
             if let Some(d) = self.gathered_delta(x, per_row)? {
                 y = (y + d)?;
             }
@@ -250,6 +254,29 @@ impl Proj {
 }
 
 impl Proj {
+    /// `y` plus every row's own low-rank product in one CUDA kernel (serving: nothing tracked
+    /// for gradients, each pair with its scale folded in); `None` where that does not apply.
+    #[cfg(feature = "cuda")]
+    fn gathered_cuda(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        per_row: &[Option<&dyn LowRank>],
+    ) -> Result<Option<Tensor>> {
+        if !x.device().is_cuda() || !crate::ops::cuda_kernels() || x.track_op() || x.rank() != 3 {
+            return Ok(None);
+        }
+        let mut pairs = Vec::with_capacity(per_row.len());
+        for a in per_row {
+            match a.and_then(|a| a.pair(&self.path)) {
+                Some(p) if p.scale != 1.0 => return Ok(None),
+                Some(p) => pairs.push(Some((&p.at, &p.bt))),
+                None => pairs.push(None),
+            }
+        }
+        crate::cuda::lora_gathered(x, y, &pairs)
+    }
+
     /// Every row's own low-rank product in two batched matmuls (the BGMV of Punica/S-LoRA):
     /// each row's `Aᵀ` and `scale·Bᵀ` stacked into `[batch, in, r]` and `[batch, r, out]`,
     /// zeros for rows without a pair here, ranks padded to the widest.

@@ -297,12 +297,20 @@ pub fn batches<'a>(tc: &'a TrainConfig, corpus: &'a Corpus) -> impl Iterator<Ite
 
 /// AdamW (decoupled weight decay, bias-corrected moments: `torch.optim.AdamW`'s update) after
 /// clipping the global gradient norm to `grad_clip`. On the CPU the whole update runs in one
-/// pass over each variable's values; elsewhere as candle's `AdamW` on tensors.
+/// pass over each variable's values, on a CUDA GPU in one kernel per variable; elsewhere as
+/// candle's `AdamW` on tensors.
 enum Optimiser {
     Cpu {
         vars: Vec<candle_core::Var>,
         moments: Vec<(Vec<f32>, Vec<f32>)>,
         t: i32,
+        weight_decay: f64,
+    },
+    /// f32 variables on a CUDA GPU: fused kernels ([`crate::cuda::AdamW`]).
+    #[cfg(feature = "cuda")]
+    Cuda {
+        vars: Vec<candle_core::Var>,
+        adamw: crate::cuda::AdamW,
         weight_decay: f64,
     },
     Tensors {
@@ -329,6 +337,18 @@ impl Optimiser {
                 vars,
                 moments,
                 t: 0,
+                weight_decay: tc.weight_decay,
+            });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(adamw) = crate::ops::cuda_kernels()
+            .then(|| crate::cuda::AdamW::new(&vars))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(Self::Cuda {
+                vars,
+                adamw,
                 weight_decay: tc.weight_decay,
             });
         }
@@ -399,6 +419,25 @@ impl Optimiser {
                     var.set(&Tensor::from_vec(theta, var.shape(), var.device())?)?;
                 }
                 Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda {
+                vars,
+                adamw,
+                weight_decay,
+            } => {
+                let gs: Vec<Option<Tensor>> = vars
+                    .iter()
+                    .map(|v| grads.get(v.as_tensor()).cloned())
+                    .collect();
+                let step = crate::cuda::AdamWStep {
+                    lr,
+                    beta1: BETA1,
+                    beta2: BETA2,
+                    eps: EPS,
+                    weight_decay: *weight_decay,
+                };
+                adamw.step(vars, &gs, step, clip)
             }
             Self::Tensors { vars, adamw } => {
                 // One read back from the device for the global norm, not one per variable.
@@ -592,9 +631,10 @@ fn evaluate(
 mod tests {
     use super::*;
 
-    /// The one-pass CPU AdamW (with clipping) equals candle's tensor AdamW over several steps.
+    /// The one-pass AdamW of the test device (the CPU's loop, or the CUDA kernels), with
+    /// clipping, equals candle's tensor AdamW over several steps.
     #[test]
-    fn cpu_adamw_equals_candle_adamw() {
+    fn fused_adamw_equals_candle_adamw() {
         let dev = crate::test_device();
         let tc = TrainConfig {
             weight_decay: 0.05,
@@ -603,7 +643,7 @@ mod tests {
         let init = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
         let make = || candle_core::Var::from_tensor(&init.copy().unwrap()).unwrap();
         let (a, b) = (make(), make());
-        let mut cpu = Optimiser::new(vec![a.clone()], &tc).unwrap();
+        let mut fused = Optimiser::new(vec![a.clone()], &tc).unwrap();
         let mut tensors = Optimiser::Tensors {
             vars: vec![b.clone()],
             adamw: AdamW::new(
@@ -618,7 +658,7 @@ mod tests {
             )
             .unwrap(),
         };
-        assert!(matches!(cpu, Optimiser::Cpu { .. }));
+        assert!(!matches!(fused, Optimiser::Tensors { .. }));
         for step in 0..5 {
             // A loss whose gradient norm is above the clip on some steps and below on others.
             let w = Tensor::full(if step % 2 == 0 { 3f32 } else { 0.01 }, (3, 5), &dev).unwrap();
@@ -630,7 +670,8 @@ mod tests {
                     .sum_all()
                     .unwrap()
             };
-            cpu.step(loss(&a).backward().unwrap(), 0.01 * (step + 1) as f64, 1.0)
+            fused
+                .step(loss(&a).backward().unwrap(), 0.01 * (step + 1) as f64, 1.0)
                 .unwrap();
             tensors
                 .step(loss(&b).backward().unwrap(), 0.01 * (step + 1) as f64, 1.0)
