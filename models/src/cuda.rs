@@ -655,13 +655,9 @@ pub fn lora_gathered(
     {
         return Ok(None);
     }
-    let stream = dev.cuda_stream();
-    let mut table = Vec::with_capacity(3 * batch);
-    for p in pairs {
-        let Some((at, bt)) = p else {
-            table.extend([0, 0, 0]);
-            continue;
-        };
+    // Every row's matrices checked, then read-locked until the kernel is enqueued.
+    let mut matrices = Vec::with_capacity(2 * batch);
+    for (at, bt) in pairs.iter().flatten() {
         let r = at.dim(1)?;
         if at.dims() != [inp, r]
             || bt.dims() != [r, out]
@@ -673,15 +669,35 @@ pub fn lora_gathered(
         {
             return Ok(None);
         }
-        for m in [at, bt] {
-            let (s, l) = m.storage_and_layout();
-            let candle_core::Storage::Cuda(s) = &*s else {
-                return Ok(None);
-            };
-            let (ptr, _read) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
-            table.push(ptr + (l.start_offset() * std::mem::size_of::<f32>()) as u64);
+        matrices.extend([*at, *bt]);
+    }
+    let locked: Vec<_> = matrices.iter().map(|m| m.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(locked.len());
+    for (s, l) in &locked {
+        let candle_core::Storage::Cuda(s) = &**s else {
+            return Ok(None);
+        };
+        slices.push((s.as_cuda_slice::<f32>()?, l.start_offset()));
+    }
+    let stream = dev.cuda_stream();
+    // The pointers, and the guards that record their reads once the kernel is enqueued.
+    let reads: Vec<_> = slices
+        .iter()
+        .map(|(s, offset)| {
+            let (ptr, read) = s.device_ptr(&stream);
+            (ptr + (offset * std::mem::size_of::<f32>()) as u64, read)
+        })
+        .collect();
+    let mut table = Vec::with_capacity(3 * batch);
+    let mut next = reads.iter().map(|(ptr, _)| *ptr);
+    for p in pairs {
+        match p {
+            Some((at, _)) => {
+                let (a, b) = (next.next(), next.next());
+                table.extend([a.unwrap_or(0), b.unwrap_or(0), at.dim(1)? as u64]);
+            }
+            None => table.extend([0, 0, 0]),
         }
-        table.push(r as u64);
     }
     let table = dev.clone_htod(&table)?;
     let (x, y) = (x.contiguous()?, y.contiguous()?);
@@ -708,6 +724,7 @@ pub fn lora_gathered(
         );
         o
     };
+    drop(reads);
     Ok(Some(Tensor::from_storage(
         candle_core::Storage::Cuda(wrap(o, dev)),
         (batch, t, out),
