@@ -68,8 +68,6 @@ fn rows_per_task(width: usize) -> usize {
     (32 * 1024 / width.max(1)).max(1)
 }
 
-/// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32): the same value
-/// and gradient as `candle_nn::loss::cross_entropy`. The forward pass also writes the gradient
 /// Whether `t` takes the fused ops: f32 on the CPU, or on a CUDA GPU (built with `cuda`: the
 /// kernels of [`crate::cuda`]). Other dtypes and devices compose candle's ops.
 fn fused(t: &Tensor) -> bool {
@@ -86,8 +84,10 @@ pub fn cuda_kernels() -> bool {
         && *ON.get_or_init(|| std::env::var("LEDGERFLOW_CUDA_KERNELS").map_or(true, |v| v != "0"))
 }
 
+/// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32): the same value
+/// and gradient as `candle_nn::loss::cross_entropy`. The forward pass also writes the gradient
 /// `(softmax − onehot)/n` (one pass over the logits instead of two), which the backward pass
-/// scales.
+/// scales. On a GPU the backward pass recomputes it in one kernel instead.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !fused(logits) {
         return candle_nn::loss::cross_entropy(logits, targets);
