@@ -740,17 +740,6 @@ pub struct AdamW {
     dev: CudaDevice,
     moments: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     squares: CudaSlice<f32>,
-    t: i32,
-}
-
-/// The scalars of one update.
-#[derive(Clone, Copy)]
-pub struct AdamWStep {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
 }
 
 impl AdamW {
@@ -779,23 +768,11 @@ impl AdamW {
             dev,
             moments,
             squares,
-            t: 0,
         }))
     }
 
-    /// The global norm of `grads` (one read back), then one update per variable with a
-    /// gradient, clipped to `clip`.
-    pub fn step(
-        &mut self,
-        vars: &[candle_core::Var],
-        grads: &[Option<Tensor>],
-        step: AdamWStep,
-        clip: f64,
-    ) -> Result<()> {
-        let grads = grads
-            .iter()
-            .map(|g| g.as_ref().map(|g| g.contiguous()).transpose())
-            .collect::<Result<Vec<_>>>()?;
+    /// The global norm of the (contiguous) `grads`: one read back.
+    pub fn norm(&mut self, grads: &[Option<Tensor>]) -> Result<f64> {
         for (slot, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
             let (s, l) = g.storage_and_layout();
@@ -818,33 +795,29 @@ impl AdamW {
             );
         }
         let squares = self.dev.clone_dtoh(&self.squares)?;
-        let norm = grads
+        Ok(grads
             .iter()
             .zip(&squares)
             .filter(|(g, _)| g.is_some())
             .map(|(_, &s)| s as f64)
             .sum::<f64>()
-            .sqrt();
-        let g_scale = if norm > clip {
-            (clip / norm) as f32
-        } else {
-            1.0
-        };
-        self.t += 1;
-        let c1 = (1.0 / (1.0 - step.beta1.powi(self.t))) as f32;
-        let c2 = (1.0 / (1.0 - step.beta2.powi(self.t))) as f32;
-        let decay = (1.0 - step.lr * step.weight_decay) as f32;
-        for ((var, g), (m, v)) in vars.iter().zip(&grads).zip(self.moments.iter_mut()) {
+            .sqrt())
+    }
+
+    /// One update per variable with a (contiguous) gradient.
+    pub(crate) fn update(
+        &mut self,
+        vars: &[candle_core::Var],
+        grads: &[Option<Tensor>],
+        scalars: crate::train::AdamWScalars,
+    ) -> Result<()> {
+        for ((var, g), (m, v)) in vars.iter().zip(grads).zip(self.moments.iter_mut()) {
             let Some(g) = g else { continue };
             var.as_tensor().inplace_op2(
                 g,
                 &Update {
                     moments: std::sync::Mutex::new((m, v)),
-                    g_scale,
-                    c1,
-                    c2,
-                    decay,
-                    step,
+                    s: scalars,
                 },
             )?;
         }
@@ -854,11 +827,7 @@ impl AdamW {
 
 struct Update<'a> {
     moments: std::sync::Mutex<(&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
-    g_scale: f32,
-    c1: f32,
-    c2: f32,
-    decay: f32,
-    step: AdamWStep,
+    s: crate::train::AdamWScalars,
 }
 
 impl candle_core::InplaceOp2 for Update<'_> {
@@ -897,8 +866,7 @@ impl candle_core::InplaceOp2 for Update<'_> {
         let (m, v) = &mut *guard;
         let pv = p.as_cuda_slice_mut::<f32>()?;
         let ni = int(n, "AdamW")?;
-        let s = self.step;
-        let (b1, b2, lr, eps) = (s.beta1 as f32, s.beta2 as f32, s.lr as f32, s.eps as f32);
+        let s = &self.s;
         launch!(
             dev,
             "lf_adamw",
@@ -908,14 +876,14 @@ impl candle_core::InplaceOp2 for Update<'_> {
             &mut **m,
             &mut **v,
             &ni,
-            &self.g_scale,
-            &b1,
-            &b2,
-            &self.c1,
-            &self.c2,
-            &lr,
-            &self.decay,
-            &eps
+            &s.g_scale,
+            &s.beta1,
+            &s.beta2,
+            &s.c1,
+            &s.c2,
+            &s.lr,
+            &s.decay,
+            &s.eps
         );
         Ok(())
     }

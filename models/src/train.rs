@@ -311,6 +311,7 @@ enum Optimiser {
     Cuda {
         vars: Vec<candle_core::Var>,
         adamw: crate::cuda::AdamW,
+        t: i32,
         weight_decay: f64,
     },
     Tensors {
@@ -322,6 +323,40 @@ enum Optimiser {
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
+
+/// The f32 scalars of AdamW's step `t` (from 1) after clipping the global gradient norm `norm`
+/// to `clip`, for the loop on the CPU and the kernel on a GPU alike: each value becomes
+/// `p·decay − lr·(m·c1)/(√(v·c2) + eps)` with `m`, `v` the moments of `g·g_scale`.
+#[derive(Clone, Copy)]
+pub(crate) struct AdamWScalars {
+    pub g_scale: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub c1: f32,
+    pub c2: f32,
+    pub lr: f32,
+    pub decay: f32,
+    pub eps: f32,
+}
+
+impl AdamWScalars {
+    fn at(t: i32, lr: f64, weight_decay: f64, norm: f64, clip: f64) -> Self {
+        Self {
+            g_scale: if norm > clip {
+                (clip / norm) as f32
+            } else {
+                1.0
+            },
+            beta1: BETA1 as f32,
+            beta2: BETA2 as f32,
+            c1: (1.0 / (1.0 - BETA1.powi(t))) as f32,
+            c2: (1.0 / (1.0 - BETA2.powi(t))) as f32,
+            lr: lr as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+            eps: EPS as f32,
+        }
+    }
+}
 
 impl Optimiser {
     fn new(vars: Vec<candle_core::Var>, tc: &TrainConfig) -> candle_core::Result<Self> {
@@ -349,6 +384,7 @@ impl Optimiser {
             return Ok(Self::Cuda {
                 vars,
                 adamw,
+                t: 0,
                 weight_decay: tc.weight_decay,
             });
         }
@@ -394,27 +430,19 @@ impl Optimiser {
                     .map(|&x| x as f64 * x as f64)
                     .sum::<f64>()
                     .sqrt();
-                let g_scale = if norm > clip {
-                    (clip / norm) as f32
-                } else {
-                    1.0
-                };
                 *t += 1;
-                let c1 = 1.0 / (1.0 - BETA1.powi(*t));
-                let c2 = 1.0 / (1.0 - BETA2.powi(*t));
-                let decay = (1.0 - lr * *weight_decay) as f32;
-                let (b1, b2) = (BETA1 as f32, BETA2 as f32);
-                let (c1, c2, lr32, eps) = (c1 as f32, c2 as f32, lr as f32, EPS as f32);
+                let s = AdamWScalars::at(*t, lr, *weight_decay, norm, clip);
+                let (b1, b2) = (s.beta1, s.beta2);
                 for ((var, g), (m, v)) in vars.iter().zip(&gs).zip(moments.iter_mut()) {
                     let Some(g) = g else { continue };
                     let mut theta = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                     for (((p, &g), m), v) in
                         theta.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
                     {
-                        let g = g * g_scale;
+                        let g = g * s.g_scale;
                         *m = b1 * *m + (1.0 - b1) * g;
                         *v = b2 * *v + (1.0 - b2) * g * g;
-                        *p = *p * decay - lr32 * (*m * c1) / ((*v * c2).sqrt() + eps);
+                        *p = *p * s.decay - s.lr * (*m * s.c1) / ((*v * s.c2).sqrt() + s.eps);
                     }
                     var.set(&Tensor::from_vec(theta, var.shape(), var.device())?)?;
                 }
@@ -424,20 +452,20 @@ impl Optimiser {
             Self::Cuda {
                 vars,
                 adamw,
+                t,
                 weight_decay,
             } => {
-                let gs: Vec<Option<Tensor>> = vars
+                let gs = vars
                     .iter()
-                    .map(|v| grads.get(v.as_tensor()).cloned())
-                    .collect();
-                let step = crate::cuda::AdamWStep {
-                    lr,
-                    beta1: BETA1,
-                    beta2: BETA2,
-                    eps: EPS,
-                    weight_decay: *weight_decay,
-                };
-                adamw.step(vars, &gs, step, clip)
+                    .map(|v| grads.get(v.as_tensor()).map(Tensor::contiguous).transpose())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let norm = adamw.norm(&gs)?;
+                *t += 1;
+                adamw.update(
+                    vars,
+                    &gs,
+                    AdamWScalars::at(*t, lr, *weight_decay, norm, clip),
+                )
             }
             Self::Tensors { vars, adamw } => {
                 // One read back from the device for the global norm, not one per variable.
