@@ -5,13 +5,13 @@
 //! Every accepted document adds one entry per band (14 by default). Inserted one by one into a
 //! B-tree keyed by band key, each lands on a random leaf: at 200,000 documents that was the
 //! largest single cost of a flush. Here a flush sorts its pending entries and appends them as a
-//! new run of fixed-size blocks (128 entries, 2 KiB) under increasing keys `(run, block)`: a
-//! sequential write. Runs merge four at a time ([`crate::runs`], which also keeps the catalogue
-//! of runs). (A binary counter, pairwise merges, rewrote every entry twice as often: at
+//! new run of fixed-size blocks (just under 16 KiB, [`crate::runs::BLOCK_BYTES`]) under
+//! increasing keys `(run, block)`: a sequential write. Runs merge four at a time
+//! ([`crate::runs`], which also keeps the catalogue of runs). (A binary counter, pairwise merges, rewrote every entry twice as often: at
 //! 1,000,000 documents its merges were most of the time a flush took.)
 //!
 //! A lookup reads one block per run: the first key of every block is kept in memory (8 bytes
-//! per 128 entries), so the block that may hold a key is found without reading the disk. Most
+//! per 1,020 entries), so the block that may hold a key is found without reading the disk. Most
 //! lookups never get here: the stage's Bloom filter of band keys answers "absent" first, so
 //! more runs cost little.
 //!
@@ -32,9 +32,9 @@ use redb::{ReadableTable, TableDefinition};
 pub use crate::runs::FANOUT;
 use crate::runs::{Blocks, Catalog, ReadBlocks};
 
-/// Entries per block.
-const BLOCK: usize = 128;
 const ENTRY: usize = 16;
+/// Entries per block (earlier versions wrote 128; readers take a block's length as it is).
+const BLOCK: usize = crate::runs::BLOCK_BYTES / ENTRY;
 
 type Run = crate::runs::Run<u64>;
 
@@ -106,42 +106,84 @@ fn write_run(blocks: &mut Blocks<'_>, id: u64, sorted: &[(u64, u64)]) -> Result<
 /// Merges `runs` into run `id`, block by block, never holding any whole.
 fn merge(blocks: &mut Blocks<'_>, id: u64, runs: &[Arc<Run>]) -> Result<Run, redb::Error> {
     let mut cursors: Vec<Cursor<'_>> = runs.iter().map(|r| Cursor::new(r)).collect();
-    let mut firsts = Vec::new();
-    let mut out: Vec<u8> = Vec::with_capacity(BLOCK * ENTRY);
-    let mut entries = 0u64;
+    let mut out = Output {
+        id,
+        firsts: Vec::new(),
+        block: Vec::with_capacity(BLOCK * ENTRY),
+        entries: 0,
+    };
     loop {
-        let mut next: Option<(usize, (u64, u64))> = None;
+        // The cursor with the least entry, and the least entry of the others: everything of
+        // that cursor's block up to it goes out in one stretch.
+        let mut least: Option<(usize, (u64, u64))> = None;
+        let mut bound: Option<(u64, u64)> = None;
         for (i, c) in cursors.iter_mut().enumerate() {
             c.fill(blocks)?;
-            if let Some(e) = c.peek() {
-                if next.is_none_or(|(_, n)| e < n) {
-                    next = Some((i, e));
+            let Some(e) = c.peek() else { continue };
+            match least {
+                Some((_, l)) if e >= l => bound = Some(bound.map_or(e, |b| b.min(e))),
+                _ => {
+                    bound = least.map(|(_, l)| bound.map_or(l, |b| b.min(l)));
+                    least = Some((i, e));
                 }
             }
         }
-        let Some((i, (k, d))) = next else {
+        let Some((i, _)) = least else {
             break;
         };
-        cursors[i].pos += 1;
-        if out.is_empty() {
-            firsts.push(k);
-        }
-        out.extend_from_slice(&k.to_le_bytes());
-        out.extend_from_slice(&d.to_le_bytes());
-        entries += 1;
-        if out.len() == BLOCK * ENTRY {
-            blocks.insert((id, firsts.len() as u32 - 1), out.as_slice())?;
-            out.clear();
+        let c = &mut cursors[i];
+        while let Some(e) = c.peek() {
+            if bound.is_some_and(|b| e > b) {
+                break;
+            }
+            out.push(blocks, e)?;
+            c.pos += 1;
         }
     }
-    if !out.is_empty() {
-        blocks.insert((id, firsts.len() as u32 - 1), out.as_slice())?;
+    out.finish(blocks)
+}
+
+/// The run a merge writes, one block at a time.
+struct Output {
+    id: u64,
+    firsts: Vec<u64>,
+    block: Vec<u8>,
+    entries: u64,
+}
+
+impl Output {
+    fn push(&mut self, blocks: &mut Blocks<'_>, (k, d): (u64, u64)) -> Result<(), redb::Error> {
+        if self.block.is_empty() {
+            self.firsts.push(k);
+        }
+        self.block.extend_from_slice(&k.to_le_bytes());
+        self.block.extend_from_slice(&d.to_le_bytes());
+        self.entries += 1;
+        if self.block.len() == BLOCK * ENTRY {
+            self.write(blocks)?;
+        }
+        Ok(())
     }
-    Ok(Run {
-        id,
-        entries,
-        firsts,
-    })
+
+    fn write(&mut self, blocks: &mut Blocks<'_>) -> Result<(), redb::Error> {
+        blocks.insert(
+            (self.id, self.firsts.len() as u32 - 1),
+            self.block.as_slice(),
+        )?;
+        self.block.clear();
+        Ok(())
+    }
+
+    fn finish(mut self, blocks: &mut Blocks<'_>) -> Result<Run, redb::Error> {
+        if !self.block.is_empty() {
+            self.write(blocks)?;
+        }
+        Ok(Run {
+            id: self.id,
+            entries: self.entries,
+            firsts: self.firsts,
+        })
+    }
 }
 
 /// Reads one run block by block during a merge.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use ledgerflow_schemas::hex0x;
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
@@ -511,7 +511,13 @@ pub struct NearState {
 struct NearTables {
     /// The band index: sorted runs ([`crate::band_runs`]).
     bands: BandRuns,
+    /// Documents written after they were first stored (a flood marked on the original, or
+    /// forgotten: an empty record), and every document of state files from before `chunks`.
     docs: String,
+    /// Documents as they were stored, consecutive ids in chunks of up to
+    /// [`crate::runs::BLOCK_BYTES`] (31 documents of the default 112 hashes): one B-tree insert
+    /// per chunk instead of one per document, and pages filled.
+    chunks: String,
     meta: String,
     pending: Mutex<Layered<NearPending>>,
     /// Every band key the index holds, on disk or pending (locked after `pending`): most
@@ -560,17 +566,72 @@ impl Pending for NearPending {
 
 impl Pending for HashMap<[u8; 16], Option<Original>> {}
 
+/// A chunk of documents with consecutive ids, keyed by the first: `n: u32`, the end of each
+/// record (`u32` × n), the records; an empty record is a forgotten document.
+fn encode_chunk(records: &[&[u8]]) -> Vec<u8> {
+    let total: usize = records.iter().map(|r| r.len()).sum();
+    let mut out = Vec::with_capacity(4 + 4 * records.len() + total);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    let mut end = 0u32;
+    for r in records {
+        end += r.len() as u32;
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+    for r in records {
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// Record `index` of a chunk; `None` past its end or for a malformed chunk.
+fn chunk_record(chunk: &[u8], index: u64) -> Option<&[u8]> {
+    let word = |i: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(chunk.get(4 * i..4 * i + 4)?.try_into().ok()?) as usize)
+    };
+    let n = word(0)?;
+    let i = usize::try_from(index).ok().filter(|i| *i < n)?;
+    let base = 4 + 4 * n;
+    let start = if i == 0 { 0 } else { word(i)? };
+    chunk.get(base + start..base + word(i + 1)?)
+}
+
+/// The document tables of one read transaction.
+struct DiskDocs {
+    docs: redb::ReadOnlyTable<u64, &'static [u8]>,
+    chunks: redb::ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl DiskDocs {
+    fn open(tables: &NearTables, txn: &redb::ReadTransaction) -> Result<Self, redb::Error> {
+        Ok(Self {
+            docs: txn.open_table(tables.docs_def())?,
+            chunks: txn.open_table(tables.chunks_def())?,
+        })
+    }
+
+    /// Document `id` on disk: rewritten, else as first stored; `None` when it does not exist
+    /// or was forgotten.
+    fn get(&self, id: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+        if let Some(v) = self.docs.get(id)? {
+            let v = v.value();
+            return Ok((!v.is_empty()).then(|| v.to_vec()));
+        }
+        let Some((first, chunk)) = self.chunks.range(..=id)?.next_back().transpose()? else {
+            return Ok(None);
+        };
+        Ok(chunk_record(chunk.value(), id - first.value())
+            .filter(|r| !r.is_empty())
+            .map(<[u8]>::to_vec))
+    }
+}
+
 impl Layered<NearPending> {
     /// The record of document `id`: pending, else on disk; `None` when it does not exist or was
     /// forgotten.
-    fn doc(
-        &self,
-        id: u64,
-        docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
-    ) -> Result<Option<Vec<u8>>, redb::Error> {
+    fn doc(&self, id: u64, disk: &DiskDocs) -> Result<Option<Vec<u8>>, redb::Error> {
         Ok(match self.find(|p| p.docs.get(&id).cloned()) {
             Some(r) => r,
-            None => docs.get(id)?.map(|v| v.value().to_vec()),
+            None => disk.get(id)?,
         })
     }
 
@@ -603,6 +664,9 @@ impl NearTables {
     fn docs_def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
         TableDefinition::new(&self.docs)
     }
+    fn chunks_def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.chunks)
+    }
     fn meta_def(&self) -> TableDefinition<'_, &'static str, u64> {
         TableDefinition::new(&self.meta)
     }
@@ -630,17 +694,43 @@ impl Flushable for NearTables {
             .collect();
         entries.sort_unstable();
         self.bands.append(txn, &entries)?;
-        let mut docs: Vec<_> = p.docs.iter().collect();
-        docs.sort_unstable_by_key(|(id, _)| **id);
-        let mut d = txn.open_table(self.docs_def())?;
-        for (id, v) in docs {
-            match v {
-                Some(v) => d.insert(*id, v.as_slice())?,
-                None => d.remove(*id)?,
-            };
+        // Ids from the one on disk up are this layer's new documents (every earlier layer is on
+        // disk): appended as chunks. Below it, documents rewritten since they were stored.
+        let mut meta = txn.open_table(self.meta_def())?;
+        let new_from = meta.get("next_id")?.map_or(0, |v| v.value());
+        let mut docs: Vec<(u64, &[u8])> = p
+            .docs
+            .iter()
+            .map(|(id, v)| (*id, v.as_deref().unwrap_or(&[])))
+            .collect();
+        docs.sort_unstable_by_key(|(id, _)| *id);
+        let split = docs.partition_point(|(id, _)| *id < new_from);
+        let mut rewritten = txn.open_table(self.docs_def())?;
+        for (id, v) in &docs[..split] {
+            rewritten.insert(*id, *v)?;
+        }
+        let mut chunks = txn.open_table(self.chunks_def())?;
+        let mut run: Vec<&[u8]> = Vec::new();
+        let (mut first, mut bytes) = (0, 4);
+        for (k, (id, v)) in docs[split..].iter().enumerate() {
+            // Ids are allocated consecutively, so a gap would be a bug; it only starts a chunk.
+            let full = bytes + 4 + v.len() > crate::runs::BLOCK_BYTES;
+            if !run.is_empty() && (full || *id != first + run.len() as u64) {
+                chunks.insert(first, encode_chunk(&run).as_slice())?;
+                run.clear();
+                bytes = 4;
+            }
+            if run.is_empty() {
+                first = *id;
+            }
+            run.push(v);
+            bytes += 4 + v.len();
+            if k + 1 == docs.len() - split {
+                chunks.insert(first, encode_chunk(&run).as_slice())?;
+            }
         }
         if let Some(next) = p.next_id {
-            txn.open_table(self.meta_def())?.insert("next_id", next)?;
+            meta.insert("next_id", next)?;
         }
         Ok(())
     }
@@ -681,11 +771,13 @@ impl StageFactory for NearStage {
                 let tables = Arc::new(NearTables {
                     bands,
                     docs: format!("{stage}/docs"),
+                    chunks: format!("{stage}/doc_chunks"),
                     meta: format!("{stage}/meta"),
                     pending: Mutex::new(Layered::default()),
                     filter: Mutex::new(KeyFilter::with_capacity(0)),
                 });
                 db.ensure_table(tables.docs_def())?;
+                db.ensure_table(tables.chunks_def())?;
                 db.ensure_table(tables.meta_def())?;
                 *lock(&tables.filter) = (|| {
                     let txn = db.db().begin_read()?;
@@ -741,7 +833,7 @@ impl Near {
         sig: &[u32],
         keys: &[u64],
         disk: &DiskBands,
-        docs: &redb::ReadOnlyTable<u64, &'static [u8]>,
+        docs: &DiskDocs,
         next_from_disk: u64,
         pending: &mut Layered<NearPending>,
         unsettled: &[Original],
@@ -947,9 +1039,7 @@ impl Operator for Near {
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
         let disk = state.tables.bands.reader(&txn).map_err(|e| err(&e))?;
-        let docs = txn
-            .open_table(state.tables.docs_def())
-            .map_err(|e| err(&e))?;
+        let docs = DiskDocs::open(&state.tables, &txn).map_err(|e| err(&e))?;
         let next_from_disk = txn
             .open_table(state.tables.meta_def())
             .map_err(|e| err(&e))?
@@ -1028,9 +1118,7 @@ impl Operator for Near {
         let _deciding = state.db.deciding();
         let txn = state.db.db().begin_read().map_err(|e| err(&e))?;
         let disk = state.tables.bands.reader(&txn).map_err(|e| err(&e))?;
-        let docs = txn
-            .open_table(state.tables.docs_def())
-            .map_err(|e| err(&e))?;
+        let docs = DiskDocs::open(&state.tables, &txn).map_err(|e| err(&e))?;
         let mut pending = lock(&state.tables.pending);
         let filter = lock(&state.tables.filter);
         for (keys, row) in refused {
@@ -1068,6 +1156,96 @@ impl Operator for Near {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTableMetadata;
+
+    #[test]
+    fn documents_read_back_from_chunks_and_rewrites_over_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path(), 1 << 20).unwrap();
+        let tables = Arc::new(NearTables {
+            bands: RunTables::new("near")
+                .open(db.db(), "near/band_index")
+                .unwrap(),
+            docs: "near/docs".into(),
+            chunks: "near/doc_chunks".into(),
+            meta: "near/meta".into(),
+            pending: Mutex::new(Layered::default()),
+            filter: Mutex::new(KeyFilter::with_capacity(0)),
+        });
+        db.ensure_table(tables.docs_def()).unwrap();
+        db.ensure_table(tables.chunks_def()).unwrap();
+        db.ensure_table(tables.meta_def()).unwrap();
+        // A document of a state file from before chunks: one entry per document.
+        let w = db.db().begin_write().unwrap();
+        w.open_table(tables.docs_def())
+            .unwrap()
+            .insert(3, b"legacy".as_slice())
+            .unwrap();
+        w.open_table(tables.meta_def())
+            .unwrap()
+            .insert("next_id", 4)
+            .unwrap();
+        w.commit().unwrap();
+        db.register(tables.clone());
+        let record = |id: u64, round: u8| {
+            // The size of a record of 112 hashes, give or take a few bytes.
+            let mut r = vec![round; ORIGINAL_BYTES + 448];
+            r.extend_from_slice(&id.to_le_bytes()[..(id % 7) as usize]);
+            r
+        };
+        let mut model: HashMap<u64, Option<Vec<u8>>> =
+            HashMap::from([(3, Some(b"legacy".to_vec()))]);
+        let set = |id: u64, v: Option<Vec<u8>>, model: &mut HashMap<u64, Option<Vec<u8>>>| {
+            let mut p = lock(&tables.pending);
+            p.current.docs.insert(id, v.clone());
+            p.current.next_id = Some(p.current.next_id.unwrap_or(4).max(id + 1));
+            model.insert(id, v);
+        };
+        // New documents, two forgotten and one rewritten before they were written.
+        for id in 4..154 {
+            set(id, Some(record(id, 1)), &mut model);
+        }
+        set(20, None, &mut model);
+        set(100, Some(record(100, 2)), &mut model);
+        set(153, None, &mut model);
+        db.flush(true).unwrap();
+        // Rewritten after they were stored, one in the legacy table; and new ones.
+        set(5, Some(record(5, 3)), &mut model);
+        set(70, None, &mut model);
+        set(3, None, &mut model);
+        for id in 154..160 {
+            set(id, Some(record(id, 3)), &mut model);
+        }
+        db.flush(false).unwrap();
+        set(6, Some(record(6, 4)), &mut model);
+        db.flush(true).unwrap();
+        let txn = db.db().begin_read().unwrap();
+        let disk = DiskDocs::open(&tables, &txn).unwrap();
+        for id in 0..200 {
+            let want = model.get(&id).cloned().flatten();
+            assert_eq!(disk.get(id).unwrap(), want, "document {id}");
+            assert_eq!(lock(&tables.pending).doc(id, &disk).unwrap(), want);
+        }
+        // Chunks of at most BLOCK_BYTES, not one entry per document: 150 documents of ~512
+        // bytes in five, the six of the second flush in one.
+        assert_eq!(disk.chunks.len().unwrap(), 6);
+        for c in disk.chunks.iter().unwrap() {
+            assert!(c.unwrap().1.value().len() <= crate::runs::BLOCK_BYTES);
+        }
+    }
+
+    #[test]
+    fn chunk_records_round_trip() {
+        let records: Vec<Vec<u8>> = (0..70).map(|i| vec![i as u8; (i * 13) % 9]).collect();
+        let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+        let chunk = encode_chunk(&refs);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(chunk_record(&chunk, i as u64), Some(r.as_slice()));
+        }
+        assert_eq!(chunk_record(&chunk, 70), None);
+        assert_eq!(chunk_record(&chunk[..10], 3), None);
+        assert_eq!(chunk_record(&[], 0), None);
+    }
 
     #[test]
     fn the_band_filter_holds_the_keys_on_disk_and_in_both_layers() {

@@ -29,8 +29,7 @@ use crate::runs::{Blocks, Catalog, ReadBlocks};
 
 /// Bytes of a key.
 pub const KEY: usize = 16;
-/// Target bytes of a block.
-const BLOCK_BYTES: usize = 2048;
+use crate::runs::BLOCK_BYTES;
 
 type LegacyDef<'a> = TableDefinition<'a, &'static [u8], &'static [u8]>;
 type Run = crate::runs::Run<[u8; KEY]>;

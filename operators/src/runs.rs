@@ -21,6 +21,13 @@ use redb::{ReadableTable, TableDefinition};
 /// Runs merged at once.
 pub const FANOUT: usize = 4;
 
+/// Most bytes of a block. redb gives a leaf a page of 4 KiB × 2ⁿ and never puts a second entry
+/// on a leaf the first one already fills past half, so a block just under a power of two (with
+/// its key and the leaf's header, under 64 bytes) fills its page: 2 KiB blocks had a 4 KiB page
+/// each, half of every run's bytes on disk empty. At 16 KiB a flush or a merge also makes an
+/// eighth of the B-tree inserts it did, and a lookup reads 16 KiB from the page cache.
+pub const BLOCK_BYTES: usize = 16 * 1024 - 64;
+
 /// The blocks table, open in a write transaction.
 pub type Blocks<'t> = redb::Table<'t, (u64, u32), &'static [u8]>;
 /// The blocks table, open in a read transaction.
