@@ -159,15 +159,15 @@ impl KeyRuns {
             let Some((newest, key)) = next else {
                 break;
             };
-            let entry = cursors[newest].entry(len).to_vec();
+            let entry = cursors[newest].entry(len);
+            let value = (entry[KEY] == 1).then(|| &entry[KEY + 1..]);
+            if value.is_some() || !oldest {
+                writer.push(blocks, &key, value)?;
+            }
             for c in &mut cursors {
                 if c.key(len) == Some(key) {
                     c.pos += 1;
                 }
-            }
-            let value = (entry[KEY] == 1).then(|| &entry[KEY + 1..]);
-            if value.is_some() || !oldest {
-                writer.push(blocks, &key, value)?;
             }
         }
         writer.finish(blocks)
